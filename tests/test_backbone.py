@@ -1,0 +1,84 @@
+import pytest
+import torch
+from torchvision import models
+
+from urd.model import URD, WeightsError, build_encoder, imagenet_cache_file
+
+
+def test_state_dict_file_loads_back_identically(tmp_path):
+    torch.manual_seed(3)
+    source = build_encoder("resnet18", "none")
+    path = tmp_path / "encoder.pth"
+    torch.save(source.state_dict(), path)
+    loaded = build_encoder("resnet18", str(path))
+    for (k, a), b in zip(source.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_full_torchvision_state_dict_and_safetensors_load(tmp_path):
+    from safetensors.torch import save_file
+
+    resnet = models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    save_file(resnet.state_dict(), str(tmp_path / "resnet18.safetensors"))
+    for name in ("resnet18.pth", "resnet18.safetensors"):
+        enc = build_encoder("resnet18", str(tmp_path / name))
+        assert torch.equal(enc.conv1.weight, resnet.conv1.weight)
+        assert torch.equal(enc.layer3[1].bn2.running_var, resnet.layer3[1].bn2.running_var)
+
+
+def test_model_built_from_a_weights_file_uses_it_for_teacher_and_expert(tmp_path):
+    resnet = models.resnet18(weights=None)
+    torch.save(resnet.state_dict(), tmp_path / "w.pth")
+    model = URD("resnet18", str(tmp_path / "w.pth"), image_size=64)
+    assert torch.equal(model.teacher.layer2[0].conv1.weight, resnet.layer2[0].conv1.weight)
+    assert torch.equal(model.expert.layer2[0].conv1.weight, resnet.layer2[0].conv1.weight)
+
+
+def test_imagenet_offline_names_the_cache_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    import torch.hub
+
+    def offline(*args, **kwargs):
+        raise OSError("<urlopen error [Errno -2] Name or service not known>")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(WeightsError) as err:
+        build_encoder("resnet18", "imagenet")
+    expected = imagenet_cache_file("resnet18")
+    assert str(expected) in str(err.value) and str(expected).startswith(str(tmp_path))
+    assert "offline" in str(err.value)
+
+
+def test_imagenet_weights_are_read_from_the_hub_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "hub"))
+    resnet = models.resnet18(weights=None)
+    target = imagenet_cache_file("resnet18")
+    target.parent.mkdir(parents=True)
+    torch.save(resnet.state_dict(), target)
+    enc = build_encoder("resnet18", "imagenet")
+    assert torch.equal(enc.layer1[0].conv1.weight, resnet.layer1[0].conv1.weight)
+
+
+def test_unknown_backbone_bad_size_missing_and_mismatched_files(tmp_path):
+    with pytest.raises(ValueError, match="Unknown backbone 'vgg16'.*resnet18"):
+        build_encoder("vgg16")
+    with pytest.raises(ValueError, match="multiple of 32"):
+        URD("resnet18", image_size=100)
+    with pytest.raises(WeightsError, match=r"missing\.pth does not exist"):
+        build_encoder("resnet18", str(tmp_path / "missing.pth"))
+    torch.save(models.resnet50(weights=None).state_dict(), tmp_path / "r50.pth")
+    with pytest.raises(WeightsError, match="do not fit backbone resnet18"):
+        build_encoder("resnet18", str(tmp_path / "r50.pth"))
+    (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
+    with pytest.raises(WeightsError, match="Could not read backbone weights"):
+        build_encoder("resnet18", str(tmp_path / "junk.pth"))
+
+
+def test_pickled_objects_are_refused(tmp_path):
+    import argparse
+
+    # Any pickled object that is not a tensor/container is refused by weights_only loading.
+    torch.save({"conv1.weight": torch.zeros(1), "obj": argparse.Namespace(x=1)}, tmp_path / "evil.pth")
+    with pytest.raises(WeightsError, match="Could not read"):
+        build_encoder("resnet18", str(tmp_path / "evil.pth"))

@@ -1,0 +1,227 @@
+"""The schema of ``params.yaml``: the one place where every default lives.
+
+Every section is a pydantic v2 model with ``extra="forbid"``, so a misspelt key or a value of the
+wrong type is refused with a message naming the key and what it accepts. Per-category overrides
+(``overrides: {cable: {train: {iterations: 10000}}}``) are deep-merged into the base params and
+validated again, so an override can never smuggle in an unknown key either.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "wide_resnet50_2"]
+GIIMode = Literal["none", "skip", "gii"]
+DatasetName = Literal["demo", "mvtec", "mpdd", "btad", "visa", "folder"]
+
+
+class ConfigError(ValueError):
+    """A params file or value that cannot be used; the message says which key and how to fix it."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DatasetParams(_Section):
+    name: DatasetName = "demo"
+    root: str = "data/raw/demo"
+    categories: list[str] = Field(default_factory=lambda: ["tiles", "widget"], min_length=1)
+    image_size: int = Field(128, gt=0, description="square side the images are resized to")
+    val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of train/good held out as val")
+
+    @field_validator("image_size")
+    @classmethod
+    def _divisible_by_32(cls, value: int) -> int:
+        # The OCBE bottleneck halves the layer3 map once more: 5 halvings in all.
+        if value % 32:
+            raise ValueError(f"image_size must be a multiple of 32 (got {value}); try {max(32, round(value / 32) * 32)}")
+        return value
+
+
+class ModelParams(_Section):
+    backbone: BackboneName = "resnet18"
+    weights: str = Field(
+        "none",
+        description="'imagenet' (torchvision weights, torch hub cache), a local state-dict file, or 'none' (random init)",
+    )
+    expert: bool = Field(True, description="Expert-Teacher-Student training (RD-E); off = frozen teacher as in RD")
+    denoising: bool = Field(True, description="student also reconstructs normal features from synthetic anomalies")
+    gii: GIIMode = Field("gii", description="none = plain RD decoder, skip = fused skip connection, gii = Algorithm 1")
+    teacher_synthetic_term: bool = Field(
+        False,
+        description="add the authors' release term: flattened cosine distance T(I_a) vs E(I_a) (not in eq. 1-3)",
+    )
+    blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the anomaly map, in pixels of the input")
+
+    @model_validator(mode="after")
+    def _expert_needs_synthetic_anomalies(self) -> ModelParams:
+        if self.expert and not self.denoising:
+            raise ValueError(
+                "expert: true needs denoising: true (the expert guides teacher and student on synthetic anomalies); "
+                "set model.denoising: true, or model.expert: false for plain RD"
+            )
+        return self
+
+
+class TrainParams(_Section):
+    iterations: int = Field(1000, gt=0)
+    batch_size: int = Field(8, gt=0)
+    lr_student: float = Field(0.005, gt=0)
+    lr_teacher: float = Field(0.0001, gt=0)
+    betas: tuple[float, float] = (0.5, 0.999)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
+    checkpoint_every: int = Field(250, gt=0)
+    log_every: int = Field(25, gt=0)
+    num_workers: int = Field(2, ge=0)
+    selection: Literal["last", "val_score"] = Field(
+        "last", description="checkpoint kept: the last one, or the lowest mean anomaly score on the val split"
+    )
+
+
+class SynthesisParams(_Section):
+    beta_range: tuple[float, float] = Field((0.15, 1.0), description="opacity of the texture, uniform in [lo, hi]")
+    perlin_scale_exponents: tuple[int, int] = Field((0, 6), description="Perlin scale 2^k per axis, k in [lo, hi)")
+    threshold: float = Field(0.5, description="Perlin noise above this becomes the anomaly mask")
+    max_rotation: float = Field(90.0, ge=0, le=180, description="noise rotated uniformly within +-this many degrees")
+    empty_mask_probability: float = Field(0.0, ge=0, le=1)
+    foreground: dict[str, str] = Field(
+        default_factory=dict, description="per-category foreground method: none | otsu | otsu_inv | grabcut | threshold:<0-255>"
+    )
+
+    @field_validator("beta_range")
+    @classmethod
+    def _ordered_unit_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        lo, hi = value
+        if not 0.0 <= lo <= hi <= 1.0:
+            raise ValueError(f"beta_range must satisfy 0 <= lo <= hi <= 1 (got {list(value)})")
+        return value
+
+    @field_validator("perlin_scale_exponents")
+    @classmethod
+    def _ordered_exponents(cls, value: tuple[int, int]) -> tuple[int, int]:
+        lo, hi = value
+        if not 0 <= lo < hi:
+            raise ValueError(f"perlin_scale_exponents must satisfy 0 <= lo < hi (got {list(value)})")
+        return value
+
+
+class EvaluateParams(_Section):
+    pro_fpr_limit: float = Field(0.3, gt=0, le=1, description="AUPRO integrates PRO up to this false-positive rate")
+    gallery_size: int = Field(8, ge=0, description="overlays of the hardest good and defect images")
+
+
+class CalibrateParams(_Section):
+    target_fpr: float = Field(0.01, gt=0, lt=1, description="share of val normals allowed above the image threshold")
+    pixel_target_fpr: float = Field(0.001, gt=0, lt=1, description="share of val normal pixels above the pixel threshold")
+
+
+class PackageParams(_Section):
+    formats: list[Literal["torchscript", "onnx"]] = Field(default_factory=lambda: ["torchscript", "onnx"])
+    onnx_opset: int = Field(17, ge=13)
+
+
+class Params(_Section):
+    seed: int = 0
+    dataset: DatasetParams = Field(default_factory=DatasetParams)
+    model: ModelParams = Field(default_factory=ModelParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    synthesis: SynthesisParams = Field(default_factory=SynthesisParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+    calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
+    package: PackageParams = Field(default_factory=PackageParams)
+    overrides: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="per-category values, e.g. {cable: {train: {iterations: 10000}}}"
+    )
+
+    @model_validator(mode="after")
+    def _overrides_are_valid(self) -> Params:
+        for category, override in self.overrides.items():
+            if "overrides" in override or "dataset" in override and "categories" in override["dataset"]:
+                raise ValueError(f"overrides.{category} may not set 'overrides' or 'dataset.categories'")
+            base = self.model_dump(exclude={"overrides"})
+            try:
+                Params.model_validate(_deep_merge(base, override))
+            except ValidationError as exc:
+                raise ValueError(f"overrides.{category}: {format_validation_error(exc, 'overrides.' + category)}") from None
+        return self
+
+    def for_category(self, category: str) -> Params:
+        """The params one category trains with: the base deep-merged with its override."""
+        if category not in self.dataset.categories:
+            raise ConfigError(
+                f"Unknown category {category!r}: params.yaml dataset.categories lists "
+                f"{self.dataset.categories}. Add it there or pick one of those."
+            )
+        override = self.overrides.get(category, {})
+        merged = _deep_merge(self.model_dump(exclude={"overrides"}), override)
+        return Params.model_validate(merged)
+
+
+def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _allowed_keys(location: tuple[Any, ...]) -> list[str] | None:
+    """Field names of the section an unknown key was found in, to suggest the right spelling."""
+    model: type[BaseModel] = Params
+    for part in location[:-1]:
+        field = model.model_fields.get(str(part))
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return None
+        model = annotation
+    return sorted(model.model_fields)
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if prefix:
+            key = f"{prefix}.{key}" if loc else prefix
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc)
+            msg = "unknown key" + (f"; allowed keys here: {', '.join(allowed)}" if allowed else "")
+        elif "input" in err and err["type"] not in ("missing",) and not isinstance(err["input"], dict):
+            msg = f"{msg} (got {err['input']!r})"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate a params file; raises ConfigError with a readable message."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Params file {path} not found. Run from the repository root or pass the path to params.yaml.")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}. Fix the syntax at the position shown.") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections (seed, dataset, model, ...), not {type(raw).__name__}.")
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: dict[str, Any], source: str = "params") -> Params:
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"{source} has invalid values:\n{format_validation_error(exc)}\n"
+            "Fix these keys (see urd/config.py for every key, its default and its meaning)."
+        ) from None

@@ -1,0 +1,66 @@
+"""Anomaly map of RD/URD: sum over three scales of (1 - cos(F_T, F_S)), upsampled to the input, blurred."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .losses import cosine_distance_map
+
+
+def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
+    """Normalised 1-D Gaussian with radius int(truncate * sigma + 0.5), as scipy.ndimage.gaussian_filter."""
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    kernel = torch.exp(-0.5 * (x / sigma) ** 2)
+    return (kernel / kernel.sum()).float()
+
+
+class GaussianBlur(nn.Module):
+    """Separable Gaussian blur of a B x 1 x H x W map as two convolutions.
+
+    Written in torch rather than calling scipy/OpenCV so that it is part of the exported
+    TorchScript/ONNX graph. Borders are reflected without repeating the edge pixel, which equals
+    scipy.ndimage.gaussian_filter(..., mode="mirror", truncate=4.0).
+    """
+
+    def __init__(self, sigma: float) -> None:
+        super().__init__()
+        kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
+        self.radius = (kernel.numel() - 1) // 2
+        self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1), persistent=False)
+        self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1), persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.radius == 0:
+            return x
+        r = self.radius
+        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kernel_x)
+        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.kernel_y)
+
+
+class AnomalyMap(nn.Module):
+    """[F_T^1..3], [F_S^1..3] -> anomaly map B x 1 x H x W (fp32) at the input resolution."""
+
+    def __init__(self, image_size: int, sigma: float = 4.0) -> None:
+        super().__init__()
+        if sigma > 0 and int(4.0 * sigma + 0.5) >= image_size:
+            raise ValueError(f"blur sigma {sigma} is too large for image size {image_size}")
+        self.image_size = image_size
+        self.blur = GaussianBlur(sigma)
+
+    def forward(self, teacher: list[Tensor], student: list[Tensor]) -> Tensor:
+        size = (self.image_size, self.image_size)
+        total = torch.zeros(0)  # replaced by the first scale; keeps TorchScript's typing simple
+        for i, (t, s) in enumerate(zip(teacher, student)):
+            distance = cosine_distance_map(t, s).unsqueeze(1)  # B x 1 x h x w
+            upsampled = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
+            total = upsampled if i == 0 else total + upsampled
+        return self.blur(total)
+
+
+def image_score(anomaly_map: Tensor) -> Tensor:
+    """Image-level anomaly score: the maximum of each map, B x 1 x H x W -> B."""
+    return anomaly_map.flatten(1).amax(dim=1)
+

@@ -1,0 +1,110 @@
+"""Student decoder: the encoder's ResNet stages mirrored, upsampling with 2x2 stride-2 transposed convs.
+
+Stage S^3 turns the OCBE embedding (H/32) into F_S^3 (H/16), S^2 gives F_S^2 (H/8), S^1 gives F_S^1
+(H/4); their widths match the teacher's layer3, layer2, layer1. GII modules (mode ``skip`` or
+``gii``) sit before S^2 and S^1 and feed them the teacher-informed feature instead of F_S^{i+1}.
+"""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torchvision.models.resnet import BasicBlock, Bottleneck, conv1x1, conv3x3
+
+from .gii import GII
+
+
+def deconv2x2(in_channels: int, out_channels: int) -> nn.ConvTranspose2d:
+    return nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2, bias=False)
+
+
+class DeBasicBlock(nn.Module):
+    """BasicBlock whose first conv upsamples 2x (transposed conv) when stride is 2."""
+
+    expansion = 1
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, upsample: nn.Module | None = None) -> None:
+        super().__init__()
+        self.conv1 = deconv2x2(inplanes, planes) if stride == 2 else conv3x3(inplanes, planes)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = conv3x3(planes, planes)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.upsample = upsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.upsample is None else self.upsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class DeBottleneck(nn.Module):
+    """Bottleneck whose 3x3 conv upsamples 2x (transposed conv) when stride is 2."""
+
+    expansion = 4
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1, upsample: nn.Module | None = None, base_width: int = 64) -> None:
+        super().__init__()
+        width = int(planes * base_width / 64)
+        self.conv1 = conv1x1(inplanes, width)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = deconv2x2(width, width) if stride == 2 else conv3x3(width, width)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = conv1x1(width, planes * self.expansion)
+        self.bn3 = nn.BatchNorm2d(planes * self.expansion)
+        self.relu = nn.ReLU(inplace=True)
+        self.upsample = upsample
+
+    def forward(self, x: Tensor) -> Tensor:
+        identity = x if self.upsample is None else self.upsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
+DECODER_BLOCKS: dict[type[nn.Module], type[DeBasicBlock] | type[DeBottleneck]] = {
+    BasicBlock: DeBasicBlock,
+    Bottleneck: DeBottleneck,
+}
+
+
+def decoder_stage(block: type[DeBasicBlock] | type[DeBottleneck], inplanes: int, planes: int, num_blocks: int, base_width: int) -> nn.Sequential:
+    """One mirrored ResNet stage, upsampling 2x in its first block (and on that block's shortcut)."""
+    out_channels = planes * block.expansion
+    upsample = nn.Sequential(deconv2x2(inplanes, out_channels), nn.BatchNorm2d(out_channels))
+    kwargs = {"base_width": base_width} if block is DeBottleneck else {}
+    layers: list[nn.Module] = [block(inplanes, planes, stride=2, upsample=upsample, **kwargs)]
+    layers += [block(out_channels, planes, **kwargs) for _ in range(num_blocks - 1)]
+    return nn.Sequential(*layers)
+
+
+class Decoder(nn.Module):
+    def __init__(
+        self,
+        encoder_block: type[BasicBlock] | type[Bottleneck],
+        widths: tuple[int, int, int],
+        num_blocks: tuple[int, int, int],
+        gii: str = "gii",
+        base_width: int = 64,
+    ) -> None:
+        super().__init__()
+        if gii not in ("none", "skip", "gii"):
+            raise ValueError(f"gii must be 'none', 'skip' or 'gii' (got {gii!r})")
+        block = DECODER_BLOCKS[encoder_block]
+        c1, c2, c3 = widths
+        self.stage3 = decoder_stage(block, 512 * block.expansion, 256, num_blocks[0], base_width)  # -> C3 x H/16
+        self.stage2 = decoder_stage(block, 256 * block.expansion, 128, num_blocks[1], base_width)  # -> C2 x H/8
+        self.stage1 = decoder_stage(block, 128 * block.expansion, 64, num_blocks[2], base_width)  # -> C1 x H/4
+        if gii == "none":
+            self.gii2 = self.gii1 = None
+        else:
+            self.gii2 = GII(c2, c3, gated=gii == "gii")  # before S^2
+            self.gii1 = GII(c1, c2, gated=gii == "gii")  # before S^1
+
+    def forward(self, embedding: Tensor, teacher: list[Tensor]) -> list[Tensor]:
+        """embedding: OCBE output; teacher: [F_T^1, F_T^2, F_T^3] (used by GII only) -> [F_S^1, F_S^2, F_S^3]."""
+        s3 = self.stage3(embedding)
+        s2 = self.stage2(s3 if self.gii2 is None else self.gii2(teacher[1], teacher[2], s3))
+        s1 = self.stage1(s2 if self.gii1 is None else self.gii1(teacher[0], teacher[1], s2))
+        return [s1, s2, s3]

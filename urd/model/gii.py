@@ -1,0 +1,46 @@
+"""Guided Information Injection (GII), Algorithm 1 of the paper's supplement.
+
+GII before student stage S^i takes the teacher features F_T^i (finer) and F_T^{i+1}, and the
+student feature F_S^{i+1}, and returns F_SGII^{i+1}, which replaces F_S^{i+1} as the input of S^i:
+
+    1: F_T^i'   = Conv1x1(DownSample(F_T^i))
+    2: F_Fuse   = Conv3x3(F_T^i' + F_T^{i+1})
+    3: Sim      = cos(F_T^{i+1}, F_S^{i+1})                 per pixel, no gradient
+    4: F_SSA    = Conv3x3(F_Fuse * Sim + F_S^{i+1} * (1 - Sim))
+    5: F_SGII   = Conv3x3(concat[F_SSA, F_S^{i+1}])
+
+Mode ``skip`` is the "+SC" row of Table 7: no similarity attention, F_SSA = F_Fuse.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def feature_similarity(teacher: Tensor, student: Tensor) -> Tensor:
+    """Per-pixel cosine similarity over channels, B x 1 x H x W, computed without gradient."""
+    with torch.no_grad():
+        return F.cosine_similarity(teacher.float(), student.float(), dim=1).unsqueeze(1).to(student.dtype)
+
+
+class GII(nn.Module):
+    def __init__(self, low_channels: int, high_channels: int, gated: bool = True) -> None:
+        super().__init__()
+        self.gated = gated
+        self.down = nn.AvgPool2d(2)
+        self.project = nn.Conv2d(low_channels, high_channels, 1)  # step 1
+        self.fuse = nn.Conv2d(high_channels, high_channels, 3, padding=1)  # step 2
+        self.attend = nn.Conv2d(high_channels, high_channels, 3, padding=1) if gated else None  # step 4
+        self.merge = nn.Conv2d(2 * high_channels, high_channels, 3, padding=1)  # step 5
+
+    def forward(self, teacher_low: Tensor, teacher_high: Tensor, student_high: Tensor) -> Tensor:
+        # teacher_low: B x C_i x 2H x 2W; teacher_high, student_high: B x C_{i+1} x H x W
+        fused = self.fuse(self.project(self.down(teacher_low)) + teacher_high)
+        if self.attend is not None:
+            sim = feature_similarity(teacher_high, student_high)
+            injected = self.attend(fused * sim + student_high * (1 - sim))
+        else:
+            injected = fused
+        return self.merge(torch.cat([injected, student_high], dim=1))
