@@ -34,6 +34,8 @@ class DatasetParams(_Section):
     categories: list[str] = Field(default_factory=lambda: ["tiles", "widget"], min_length=1)
     image_size: int = Field(128, gt=0, description="square side the images are resized to")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of train/good held out as val")
+    min_train_images: int = Field(8, ge=1, description="validation gate: fewest training images a category may have")
+    require_masks: bool = Field(True, description="validation gate: every defect image needs a pixel mask")
 
     @field_validator("image_size")
     @classmethod

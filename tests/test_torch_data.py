@@ -1,0 +1,56 @@
+import numpy as np
+import pytest
+import torch
+
+from urd.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError
+from urd.data.manifest import build_manifest
+from urd.data.torch_data import EvalDataset, TrainDataset, normalize, train_batches
+
+from .layouts_fixtures import make_mvtec, write_image
+
+
+def test_train_items_and_endless_batches(tmp_path):
+    make_mvtec(tmp_path, n_train=6)
+    paths = sorted(str(p) for p in (tmp_path / "bottle" / "train" / "good").iterdir())
+    fg = np.zeros((6, 32, 32), bool)
+    fg[:, 8:24, 8:24] = True
+    ds = TrainDataset(paths, 32, fg)
+    item = ds[0]
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.uint8
+    assert item["foreground"].shape == (1, 32, 32) and item["foreground"].sum() == 256
+    batches = train_batches(ds, batch_size=4, num_workers=0, seed=1)
+    seen = [next(batches)["image"].shape[0] for _ in range(5)]  # more batches than one epoch holds
+    assert seen == [4] * 5
+    again = train_batches(ds, batch_size=4, num_workers=0, seed=1)
+    assert torch.equal(next(again)["image"], next(train_batches(ds, 4, 0, seed=1))["image"])
+
+
+def test_eval_items_have_resized_binary_masks(tmp_path):
+    make_mvtec(tmp_path)
+    manifest = build_manifest("mvtec", tmp_path, "bottle", 0.2, progress=False)
+    test = manifest[manifest.split == "test"]
+    ds = EvalDataset(test, 32)
+    defect = next(ds[i] for i in range(len(ds)) if ds[i]["label"] == 1)
+    assert defect["image"].shape == (3, 32, 32) and defect["image"].dtype == torch.float32
+    assert set(defect["mask"].unique().tolist()) == {0.0, 1.0}
+    # the 15x15 box of a 40x48 mask covers about 15/40 x 15/48 of the resized mask
+    assert abs(defect["mask"].mean().item() - (15 / 40) * (15 / 48)) < 0.05
+    good = next(ds[i] for i in range(len(ds)) if ds[i]["label"] == 0)
+    assert good["mask"].sum() == 0 and good["defect_type"] == "good"
+
+
+def test_normalize_uses_imagenet_statistics():
+    x = torch.ones(1, 3, 2, 2)
+    out = normalize(x)
+    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
+    torch.testing.assert_close(out[0, :, 0, 0], expected)
+    torch.testing.assert_close(normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)), out[:, :, :1, :1])
+
+
+def test_bad_training_image_is_named(tmp_path):
+    good = write_image(tmp_path / "a.png")
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"nope")
+    ds = TrainDataset([str(good), str(bad)], 32)
+    with pytest.raises(ImageReadError, match="b.png"):
+        ds[1]

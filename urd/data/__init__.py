@@ -1,0 +1,1 @@
+"""Data layer: dataset layouts -> manifest, demo data, foreground masks, textures, synthesis, loaders."""

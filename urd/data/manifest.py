@@ -1,0 +1,79 @@
+"""Records -> manifest: one row per image with its split, statistics and content hash.
+
+Columns: path, category, split (train | val | test), label, defect_type, mask_path, width, height,
+channels, sha256, readable, error, mask_width, mask_height, mask_values (distinct values in the
+mask file). The inspection columns let the validation gate check things a table check alone
+cannot (decoding, mask geometry); nothing here decides whether the data is good.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from tqdm import tqdm
+
+from .images import _decode
+from .layouts import Record, read_layout
+
+COLUMNS = [
+    "path", "category", "split", "label", "defect_type", "mask_path", "width", "height", "channels", "sha256",
+    "readable", "error", "mask_width", "mask_height", "mask_values",
+]
+
+
+def is_val(path: str, val_fraction: float) -> bool:
+    """Hold a normal training image out for validation by a hash of its file name.
+
+    The decision depends on the name alone, so adding or removing other images never moves an
+    existing image between train and val.
+    """
+    digest = hashlib.sha256(Path(path).name.encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < val_fraction
+
+
+def _inspect(record: Record) -> dict:
+    row: dict = {"width": 0, "height": 0, "channels": 0, "sha256": "", "readable": False, "error": "",
+                 "mask_width": 0, "mask_height": 0, "mask_values": ""}
+    path = Path(record.path)
+    try:
+        row["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
+        image = _decode(path)
+        row.update(height=image.shape[0], width=image.shape[1], channels=1 if image.ndim == 2 else image.shape[2], readable=True)
+    except OSError as exc:
+        row["error"] = str(exc)
+    if record.mask_path:
+        try:
+            mask = _decode(record.mask_path)
+            row.update(mask_height=mask.shape[0], mask_width=mask.shape[1])
+            row["mask_values"] = " ".join(str(v) for v in np.unique(mask)[:8])
+        except OSError as exc:
+            row["error"] = (row["error"] + " | " if row["error"] else "") + f"mask {exc}"
+    return row
+
+
+def build_manifest(name: str, root: str | Path, category: str, val_fraction: float, progress: bool = True) -> pd.DataFrame:
+    """Read one category's layout and inspect every file -> manifest DataFrame (columns: COLUMNS)."""
+    records = read_layout(name, root, category)
+    rows = []
+    for record in tqdm(records, desc=f"manifest {category}", unit="img", disable=not progress):
+        split = record.split
+        if split == "train" and is_val(record.path, val_fraction):
+            split = "val"
+        rows.append({**record.__dict__, "split": split, **_inspect(record)})
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def read_manifest(path: str | Path) -> pd.DataFrame:
+    frame = pd.read_csv(path, keep_default_na=False, dtype={"mask_path": str, "mask_values": str, "error": str, "sha256": str})
+    return frame
+
+
+def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    frame.to_csv(tmp, index=False)
+    tmp.replace(path)

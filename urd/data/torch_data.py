@@ -1,0 +1,106 @@
+"""torch datasets and loaders.
+
+Training items are normal images as uint8 tensors (3 x S x S) with their foreground mask; the
+synthetic anomalous pair is made per batch on the training device by
+:class:`urd.data.synthesis.AnomalySynthesizer`, then both are normalised with :func:`normalize`.
+Evaluation items are normalised images with their ground-truth mask (resized, binarised at 0.5),
+label, defect type and path.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from .images import IMAGENET_MEAN, IMAGENET_STD, read_image, read_mask, resize_image, resize_mask
+
+
+def normalize(images: Tensor) -> Tensor:
+    """B x 3 x H x W in [0, 1] (or uint8) -> ImageNet-normalised float, on the images' device."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 255.0
+    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
+    return (images - mean) / std
+
+
+def image_tensor(path: str, size: int) -> Tensor:
+    """File -> 3 x S x S uint8 tensor (RGB, resized)."""
+    return torch.from_numpy(np.ascontiguousarray(resize_image(read_image(path), size).transpose(2, 0, 1)))
+
+
+class TrainDataset(Dataset):
+    """Normal training images -> {"image": 3xSxS uint8, "foreground": 1xSxS bool}."""
+
+    def __init__(self, paths: Sequence[str], image_size: int, foreground: np.ndarray | None = None) -> None:
+        if foreground is not None and len(foreground) != len(paths):
+            raise ValueError(f"{len(foreground)} foreground masks for {len(paths)} images; rerun the prepare stage")
+        self.paths = list(paths)
+        self.image_size = image_size
+        self.foreground = foreground
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        image = image_tensor(self.paths[index], self.image_size)
+        if self.foreground is None:
+            fg = torch.ones(1, self.image_size, self.image_size, dtype=torch.bool)
+        else:
+            fg = torch.from_numpy(np.ascontiguousarray(self.foreground[index], dtype=bool))[None]
+        return {"image": image, "foreground": fg}
+
+
+class EvalDataset(Dataset):
+    """Manifest rows -> {"image": normalised 3xSxS, "mask": 1xSxS float {0,1}, "label", "defect_type", "path"}."""
+
+    def __init__(self, rows: pd.DataFrame, image_size: int) -> None:
+        self.rows = rows.reset_index(drop=True)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> dict:
+        row = self.rows.iloc[index]
+        image = normalize(image_tensor(row["path"], self.image_size)[None])[0]
+        if row["mask_path"]:
+            mask = resize_mask(read_mask(row["mask_path"]), self.image_size)
+        else:
+            mask = np.zeros((self.image_size, self.image_size), bool)
+        return {
+            "image": image,
+            "mask": torch.from_numpy(mask.astype(np.float32))[None],
+            "label": int(row["label"]),
+            "defect_type": str(row["defect_type"]),
+            "path": str(row["path"]),
+        }
+
+
+def train_batches(dataset: TrainDataset, batch_size: int, num_workers: int = 2, seed: int = 0, pin_memory: bool = False) -> Iterator[dict[str, Tensor]]:
+    """Endless shuffled batches (an iteration budget, not epochs); each pass reshuffles deterministically."""
+    if len(dataset) == 0:
+        raise ValueError("no training images: the train split is empty (check the manifest and dataset.val_fraction)")
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    loader = DataLoader(
+        dataset,
+        batch_size=min(batch_size, len(dataset)),
+        shuffle=True,
+        drop_last=True,
+        num_workers=num_workers,
+        persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
+        generator=generator,
+    )
+    while True:
+        yield from loader
+
+
+def eval_loader(dataset: EvalDataset, batch_size: int = 8, num_workers: int = 0) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
