@@ -68,5 +68,22 @@ def info(
         console.print("[yellow]note:[/] weights 'none' = randomly initialised backbone (demo/testing only).")
 
 
+@app.command("demo-data")
+def demo_data(
+    root: Path = typer.Option(Path("data/raw/demo"), help="folder to write the demo dataset to (MVTec AD layout)"),
+    seed: int = typer.Option(0, help="random seed: the same seed gives the same images"),
+    overwrite: bool = typer.Option(False, help="replace whatever is at ROOT"),
+) -> None:
+    """Generate the embedded demo dataset (two categories, three defect types each, exact masks)."""
+    from .data.demo import CATEGORIES, DemoSpec, generate_demo
+
+    try:
+        generate_demo(root, DemoSpec(seed=seed), overwrite=overwrite)
+    except FileExistsError as exc:
+        _fail(str(exc))
+    listing = "; ".join(f"{category}: {', '.join(defects)}" for category, defects in CATEGORIES.items())
+    console.print(f"demo dataset at {root} (defect types - {listing})")
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m urd`
     app(sys.argv[1:])

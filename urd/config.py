@@ -93,6 +93,7 @@ class SynthesisParams(_Section):
     threshold: float = Field(0.5, description="Perlin noise above this becomes the anomaly mask")
     max_rotation: float = Field(90.0, ge=0, le=180, description="noise rotated uniformly within +-this many degrees")
     empty_mask_probability: float = Field(0.0, ge=0, le=1)
+    dtd_root: str = Field("data/raw/dtd", description="DTD folder (images/<class>/*.jpg); procedural textures when absent")
     foreground: dict[str, str] = Field(
         default_factory=dict, description="per-category foreground method: none | otsu | otsu_inv | grabcut | threshold:<0-255>"
     )
@@ -103,6 +104,15 @@ class SynthesisParams(_Section):
         lo, hi = value
         if not 0.0 <= lo <= hi <= 1.0:
             raise ValueError(f"beta_range must satisfy 0 <= lo <= hi <= 1 (got {list(value)})")
+        return value
+
+    @field_validator("foreground")
+    @classmethod
+    def _known_foreground_methods(cls, value: dict[str, str]) -> dict[str, str]:
+        from .data.foreground import validate_method
+
+        for method in value.values():
+            validate_method(method)
         return value
 
     @field_validator("perlin_scale_exponents")
