@@ -68,6 +68,134 @@ def info(
         console.print("[yellow]note:[/] weights 'none' = randomly initialised backbone (demo/testing only).")
 
 
+def _load(params: Path, category: str | None):
+    try:
+        cfg = load_params(params)
+        category = category or cfg.dataset.categories[0]
+        return cfg, category, cfg.for_category(category)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def train(
+    category: str = typer.Option(None, help="category to train (default: the first in params.yaml)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    out: Path = typer.Option(None, help="model folder (default: models/<category>)"),
+    resume: bool = typer.Option(False, help="continue from the last checkpoint in the model folder"),
+) -> None:
+    """Train one category's model: manifest -> E-T-S training -> model folder (weights, metadata, history)."""
+    from .data.images import ImageReadError
+    from .data.layouts import DatasetLayoutError
+    from .data.manifest import ingest_category, read_manifest, write_manifest
+    from .model import WeightsError
+    from .train import train_category
+
+    cfg, category, _ = _load(params, category)
+    out = out or Path("models") / category
+    try:
+        if resume and (out / "manifest.csv").is_file():
+            manifest = read_manifest(out / "manifest.csv")
+        else:
+            manifest = ingest_category(cfg, category)
+            unreadable = manifest[~manifest["readable"].astype(bool)]
+            if len(unreadable):
+                _fail(f"{len(unreadable)} unreadable images, e.g. {unreadable['path'].iloc[0]}: {unreadable['error'].iloc[0]}")
+            if (out / "checkpoints" / "last.pt").exists():
+                _fail(f"{out} holds an earlier training run. Use --resume to continue it, or --out to train elsewhere.")
+            write_manifest(manifest, out / "manifest.csv")
+        summary = train_category(cfg, category, manifest, out, resume=resume)
+    except (DatasetLayoutError, ImageReadError, WeightsError, FileExistsError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    console.print(f"trained {category}: {summary['iterations_done']} iterations in {summary['seconds']:.0f} s -> {out}")
+
+
+@app.command()
+def calibrate(
+    model: Path = typer.Option(..., help="trained model folder"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file (calibrate section)"),
+    calibration_set: Path = typer.Option(None, help="optional labelled defects in the folder layout (<root>/<category>/test/<defect>, masks/<defect>) for F1-optimal thresholds"),
+) -> None:
+    """Set image and pixel thresholds on the val split (+ an optional labelled calibration set)."""
+    from .calibrate import calibrate_model
+    from .checkpoint import ModelFileError, read_meta
+    from .data.manifest import build_manifest, read_manifest
+
+    try:
+        meta = read_meta(model)
+        cfg, _, p = _load(params, meta["category"])
+        manifest = read_manifest(model / "manifest.csv")
+        calibration_rows = build_manifest("folder", calibration_set, meta["category"], 0.0) if calibration_set else None
+        result = calibrate_model(model, manifest, p.calibrate, calibration_rows)
+    except (ModelFileError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    console.print(
+        f"image threshold {result['image_threshold']:.4f}, pixel threshold {result['pixel_threshold']:.4f} "
+        f"({result['method']}, {result['val_images']} val images) -> {model / 'calibration.json'}"
+    )
+
+
+@app.command()
+def evaluate(
+    model: Path = typer.Option(..., help="trained model folder"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file (evaluate section)"),
+    out: Path = typer.Option(None, help="report folder (default: reports/<category>)"),
+) -> None:
+    """Score the test split: metrics (overall, per defect type), ROC/PR/PRO curves, overlay gallery."""
+    from .checkpoint import ModelFileError, read_meta
+    from .data.manifest import read_manifest
+    from .evaluate import evaluate_model
+
+    try:
+        meta = read_meta(model)
+        cfg, category, p = _load(params, meta["category"])
+        out = out or Path("reports") / category
+        metrics = evaluate_model(model, read_manifest(model / "manifest.csv"), out, p.evaluate.pro_fpr_limit, p.evaluate.gallery_size)
+    except (ModelFileError, ValueError, OSError) as exc:
+        _fail(str(exc))
+    table = Table(title=f"{category}: test split")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in metrics["overall"].items():
+        table.add_row(key, f"{value:.4f}")
+    console.print(table)
+    console.print(f"report: {out} (metrics.json, roc.png, pr.png, pro.png, gallery.png)")
+
+
+@app.command()
+def predict(
+    inputs: list[Path] = typer.Argument(..., help="image files and/or folders"),
+    model: Path = typer.Option(..., help="trained model folder"),
+    out: Path = typer.Option(Path("predictions"), help="output folder"),
+    overwrite: bool = typer.Option(False, help="write into an existing output folder"),
+    batch_size: int = typer.Option(8, help="images per forward pass"),
+) -> None:
+    """Score images: predictions.csv/.json (score, normalised score, decision), overlays and defect masks."""
+    from .checkpoint import ModelFileError
+    from .inference import Predictor, expand_inputs
+
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        _fail(f"{out} is not empty; pass --overwrite to write into it or choose another --out.")
+    try:
+        predictor = Predictor(model)
+    except ModelFileError as exc:
+        _fail(str(exc))
+    paths = expand_inputs(inputs)
+    if not paths:
+        _fail(f"no images found in {', '.join(map(str, inputs))}")
+    results = predictor.predict(paths, batch_size, progress=True)
+    predictor.write_outputs(results, out)
+    failed = [r for r in results if r.error]
+    flagged = sum(1 for r in results if r.is_anomalous)
+    console.print(f"{len(results) - len(failed)} images scored, {flagged} flagged as anomalous -> {out / 'predictions.csv'}")
+    if predictor.calibration is None:
+        console.print("[yellow]note:[/] the model is not calibrated (`urd calibrate`): no decisions or masks, raw scores only.")
+    for r in failed:
+        console.print(f"[red]could not score[/] {r.error}", highlight=False)
+    if failed:
+        raise typer.Exit(code=1)
+
+
 @app.command("demo-data")
 def demo_data(
     root: Path = typer.Option(Path("data/raw/demo"), help="folder to write the demo dataset to (MVTec AD layout)"),

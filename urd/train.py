@@ -1,16 +1,30 @@
-"""One category's training: optimisers and the Expert-Teacher-Student training step."""
+"""One category's training: optimisers, the Expert-Teacher-Student step, and the resumable loop."""
 
 from __future__ import annotations
 
 import contextlib
+import json
+import math
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
+import numpy as np
+import pandas as pd
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
-from .config import TrainParams
+from .checkpoint import atomic_write_text, load_checkpoint, model_meta, save_checkpoint, save_model
+from .config import Params, TrainParams
+from .data.prepare import compute_foreground, load_foreground
+from .data.foreground import method_for
+from .data.synthesis import AnomalySynthesizer
+from .data.textures import texture_cache
+from .data.torch_data import EvalDataset, TrainDataset, eval_loader, normalize, train_batches
 from .model.losses import student_loss, teacher_loss
-from .model.urd import URD
+from .model.urd import URD, InferenceGraph
 
 
 @dataclass
@@ -45,6 +59,7 @@ def train_step(
     4. student (bottleneck + decoder + GII) step on L_S, on its own optimizer.
 
     ``anomalous``/``mask`` are None for plain RD (no denoising). Returns the losses as floats.
+    ``autocast`` (bf16) covers the networks; losses and cosines are computed in fp32.
     """
     autocast = autocast or contextlib.nullcontext()
     model.train()
@@ -62,7 +77,8 @@ def train_step(
             raise ValueError("the teacher step needs the expert, a synthetic anomalous batch and its mask")
         model.teacher.train()
         with autocast:
-            loss_t = teacher_loss(model.teacher(normal), model.teacher(anomalous), expert_normal, mask, expert_anomalous)
+            teacher_n, teacher_a = model.teacher(normal), model.teacher(anomalous)
+        loss_t = teacher_loss(teacher_n, teacher_a, expert_normal, mask, expert_anomalous)
         optimizers.teacher.zero_grad(set_to_none=True)
         loss_t.backward()
         optimizers.teacher.step()
@@ -76,9 +92,195 @@ def train_step(
     with autocast:
         student_normal = model.student(teacher_normal)
         student_anomalous = None if teacher_anomalous is None else model.student(teacher_anomalous)
-        loss_s = student_loss(student_normal, student_anomalous, teacher_normal, expert_normal)
+    loss_s = student_loss(student_normal, student_anomalous, teacher_normal, expert_normal)
     optimizers.student.zero_grad(set_to_none=True)
     loss_s.backward()
     optimizers.student.step()
     losses["student"] = loss_s.item()
     return losses
+
+
+# ----------------------------------------------------------------------------------------- the loop
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; set train.device: auto or cpu")
+    return torch.device(name)
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    if precision == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+@torch.no_grad()
+def score_images(
+    graph: InferenceGraph, rows: pd.DataFrame, image_size: int, device: torch.device, batch_size: int = 8,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, progress: bool = False, desc: str = "scoring",
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Anomaly maps (N x S x S float32), image scores (N,) and ground-truth masks (N x S x S bool) of ``rows``."""
+    graph.eval()
+    maps, scores, masks = [], [], []
+    loader = eval_loader(EvalDataset(rows, image_size), batch_size)
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        with autocast():
+            amap, score = graph(batch["image"].to(device))
+        maps.append(amap[:, 0].float().cpu().numpy())
+        scores.append(score.float().cpu().numpy())
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+    if not maps:
+        s = image_size
+        return np.zeros((0, s, s), np.float32), np.zeros(0, np.float32), np.zeros((0, s, s), bool)
+    return np.concatenate(maps), np.concatenate(scores), np.concatenate(masks)
+
+
+def _rng_state(synth: AnomalySynthesizer) -> dict[str, Tensor]:
+    state = {"torch": torch.get_rng_state(), "synthesis": synth.generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _restore_rng(synth: AnomalySynthesizer, state: dict[str, Tensor]) -> None:
+    torch.set_rng_state(state["torch"])
+    synth.generator.set_state(state["synthesis"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def train_category(
+    params: Params,
+    category: str,
+    manifest: pd.DataFrame,
+    out_dir: str | Path,
+    prepared_dir: str | Path | None = None,
+    textures_path: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    stop_after: int | None = None,
+    on_log: Callable[[int, dict[str, float]], None] | None = None,
+) -> dict[str, Any]:
+    """Train one category; writes ``out_dir``/model.safetensors + model.json, checkpoints and the
+    training history. ``stop_after`` ends the run early after that many iterations (as an
+    interruption would), leaving the checkpoint to resume from. Returns the training summary."""
+    p = params.for_category(category)
+    tp = p.train
+    out_dir = Path(out_dir)
+    checkpoint_path = out_dir / "checkpoints" / "last.pt"
+    if not resume and checkpoint_path.exists():
+        raise FileExistsError(
+            f"{checkpoint_path} exists from an earlier run. Resume it with --resume, or remove {out_dir} to start over."
+        )
+    device = resolve_device(tp.device)
+    autocast = autocast_for(device, tp.precision)
+    size = p.dataset.image_size
+
+    train_paths = manifest.loc[manifest["split"] == "train", "path"].tolist()
+    val_rows = manifest[manifest["split"] == "val"]
+    if prepared_dir is not None and (Path(prepared_dir) / "foreground.npz").is_file():
+        foreground = load_foreground(Path(prepared_dir) / "foreground.npz", train_paths)
+    else:
+        foreground = compute_foreground(train_paths, size, method_for(category, p.synthesis.foreground), progress)
+    if textures_path is not None and Path(textures_path).is_file():
+        textures = np.load(textures_path)
+    else:
+        textures, _ = texture_cache(size, p.synthesis.dtd_root or None, seed=p.seed, progress=progress)
+
+    torch.manual_seed(p.seed)
+    model = URD.from_params(p).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    if p.model.weights == "none" and not resume:
+        # A random backbone gets BatchNorm statistics from (up to 64) training images before
+        # the expert is copied from it; the weights stay random.
+        dataset = TrainDataset(train_paths, size)
+        images = [normalize(dataset[i]["image"][None].to(device)) for i in range(min(64, len(dataset)))]
+        model.init_random_backbone_statistics(torch.cat(images).split(tp.batch_size))
+    optimizers = make_optimizers(model, tp)
+    synth = AnomalySynthesizer(p.synthesis, torch.from_numpy(textures).permute(0, 3, 1, 2).contiguous(), seed=p.seed, device=device)
+
+    start, history, val_history, best = 0, [], [], None
+    if resume and checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        model.load_state_dict(state["model"])
+        optimizers.student.load_state_dict(state["optimizer_student"])
+        if optimizers.teacher is not None:
+            optimizers.teacher.load_state_dict(state["optimizer_teacher"])
+        _restore_rng(synth, state["rng"])
+        start = int(state["iteration"])
+        history = json.loads(state["history"])
+        val_history = json.loads(state["val_history"])
+        best = json.loads(state["best"])
+
+    batches = train_batches(TrainDataset(train_paths, size, foreground), tp.batch_size, tp.num_workers, seed=p.seed,
+                            start_batch=start, pin_memory=device.type == "cuda")
+    end = tp.iterations if stop_after is None else min(tp.iterations, start + stop_after)
+    bar = tqdm(total=tp.iterations, initial=start, desc=f"train {category}", unit="it", disable=not progress, dynamic_ncols=True)
+    started = time.perf_counter()
+    for iteration in range(start, end):
+        batch = next(batches)
+        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        anomalous = mask = None
+        if p.model.denoising:
+            anomalous, mask = synth(images, batch["foreground"].to(device))
+            anomalous = normalize(anomalous)
+        normal = normalize(images)
+        if device.type == "cuda":
+            normal = normal.contiguous(memory_format=torch.channels_last)
+            anomalous = None if anomalous is None else anomalous.contiguous(memory_format=torch.channels_last)
+        losses = train_step(model, optimizers, normal, anomalous, mask, p.model.teacher_synthetic_term, autocast())
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise FloatingPointError(f"loss became {losses} at iteration {iteration + 1}; lower the learning rates or use precision fp32")
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
+        done = iteration + 1
+        if done % tp.log_every == 0 or done == tp.iterations:
+            history.append({"iteration": done, **losses})
+            if on_log is not None:
+                on_log(done, losses)
+        if done % tp.checkpoint_every == 0 or done == tp.iterations:
+            if tp.selection == "val_score" and len(val_rows):
+                _, val_scores, _ = score_images(model.inference_graph(), val_rows, size, device, tp.batch_size, autocast)
+                val_history.append({"iteration": done, "val_mean_score": float(val_scores.mean())})
+                if best is None or val_history[-1]["val_mean_score"] < best["val_mean_score"]:
+                    best = val_history[-1]
+                    save_model(model, model_meta(p, category), out_dir / "best")
+            save_checkpoint(checkpoint_path, {
+                "model": model.state_dict(),
+                "optimizer_student": optimizers.student.state_dict(),
+                **({"optimizer_teacher": optimizers.teacher.state_dict()} if optimizers.teacher is not None else {}),
+                "rng": _rng_state(synth),
+                "iteration": done,
+                "history": json.dumps(history),
+                "val_history": json.dumps(val_history),
+                "best": json.dumps(best),
+            })
+    bar.close()
+    elapsed = time.perf_counter() - started
+
+    summary: dict[str, Any] = {
+        "category": category, "iterations_done": end, "iterations": tp.iterations, "device": str(device),
+        "precision": tp.precision, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
+        "selection": tp.selection, "history": history, "val_history": val_history,
+    }
+    if end < tp.iterations:
+        summary["interrupted"] = True
+        return summary
+    # The model kept: the last iterate, or the checkpoint with the lowest mean val score.
+    meta = model_meta(p, category)
+    selected = end
+    if tp.selection == "val_score" and best is not None:
+        selected = best["iteration"]
+        for name in ("model.safetensors", "model.json"):
+            (out_dir / "best" / name).replace(out_dir / name)
+        (out_dir / "best").rmdir()
+    else:
+        save_model(model, meta, out_dir)
+    meta["training"] = {k: v for k, v in summary.items() if k not in ("history", "val_history")} | {"selected_iteration": selected}
+    atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
+    atomic_write_text(out_dir / "training.json", json.dumps(summary | {"selected_iteration": selected}, indent=2) + "\n")
+    return summary | {"selected_iteration": selected}

@@ -101,13 +101,14 @@ def _tiles(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray]
 
 def _tiles_defect(rng: np.random.Generator, img: np.ndarray, grout: np.ndarray, kind: str) -> np.ndarray:
     size = img.shape[0]
+    k = size / 256  # defect geometry is specified for 256 x 256 images
     mask = np.zeros((size, size), np.uint8)
     if kind == "crack":
-        line = _jagged_polyline(rng, rng.uniform(40, size - 40, 2), rng.uniform(30, 110))
+        line = _jagged_polyline(rng, rng.uniform(40 * k, size - 40 * k, 2), rng.uniform(30, 110) * k, step=6.0 * k)
         cv2.polylines(mask, [line], False, 1, thickness=int(rng.integers(1, 3)))
         img[mask > 0] *= rng.uniform(0.45, 0.7)
     elif kind == "stain":
-        mask = _blob(rng, size, rng.uniform(40, size - 40, 2), rng.uniform(7, 20))
+        mask = _blob(rng, size, rng.uniform(40 * k, size - 40 * k, 2), rng.uniform(7, 20) * k)
         tint = rng.choice([-1, 1]) * rng.uniform(14, 30) * np.array([1.0, 0.8, 0.5], np.float32)
         img[mask > 0] += tint
     elif kind == "chip":
@@ -115,7 +116,7 @@ def _tiles_defect(rng: np.random.Generator, img: np.ndarray, grout: np.ndarray, 
         ys, xs = np.nonzero(grout[3:-3, 3:-3] & np.roll(grout, 1, 0)[3:-3, 3:-3] & np.roll(grout, 1, 1)[3:-3, 3:-3])
         i = rng.integers(len(ys))
         cy, cx = ys[i] + 3, xs[i] + 3
-        leg = rng.uniform(7, 15)
+        leg = rng.uniform(7, 15) * k
         sy, sx = rng.choice([-1, 1], 2)
         tri = np.array([[cx, cy], [cx + sx * leg, cy], [cx, cy + sy * leg]], np.float32)
         cv2.fillPoly(mask, [np.round(tri).astype(np.int32)], 1)
@@ -154,14 +155,15 @@ def _widget(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray
 
 def _widget_defect(rng: np.random.Generator, img: np.ndarray, part: np.ndarray, geo: dict, background: np.ndarray, kind: str) -> np.ndarray:
     size = img.shape[0]
+    k = size / 256  # defect geometry is specified for 256 x 256 images
     c, r_outer, r_bore = geo["center"], geo["r_outer"], geo["r_bore"]
     mask = np.zeros((size, size), np.uint8)
     if kind == "scratch":
         a = rng.uniform(0, 2 * np.pi)
-        r = rng.uniform(r_bore + 8, r_outer - 12)
+        r = rng.uniform(r_bore + 8 * k, r_outer - 12 * k)
         p0 = c + r * np.array([np.cos(a), np.sin(a)])
         d = rng.uniform(0, 2 * np.pi)
-        length = rng.uniform(18, 60)
+        length = rng.uniform(18, 60) * k
         p1 = p0 + length * np.array([np.cos(d), np.sin(d)])
         cv2.line(mask, tuple(np.round(p0).astype(int)), tuple(np.round(p1).astype(int)), 1, int(rng.integers(1, 3)))
         mask &= part
@@ -169,14 +171,14 @@ def _widget_defect(rng: np.random.Generator, img: np.ndarray, part: np.ndarray, 
     elif kind == "missing_piece":
         a = rng.uniform(0, 2 * np.pi)
         bite = c + r_outer * np.array([np.cos(a), np.sin(a)])
-        cv2.circle(mask, tuple(np.round(bite).astype(int)), int(rng.uniform(6, 16)), 1, -1)
+        cv2.circle(mask, tuple(np.round(bite).astype(int)), max(2, int(rng.uniform(6, 16) * k)), 1, -1)
         mask &= part
         img[mask > 0] = background[mask > 0]
     elif kind == "contamination":
         for _ in range(int(rng.integers(1, 4))):
             a = rng.uniform(0, 2 * np.pi)
-            r = rng.uniform(r_bore + 6, r_outer - 6)
-            mask |= _blob(rng, size, c + r * np.array([np.cos(a), np.sin(a)]), rng.uniform(2.5, 6))
+            r = rng.uniform(r_bore + 6 * k, r_outer - 6 * k)
+            mask |= _blob(rng, size, c + r * np.array([np.cos(a), np.sin(a)]), max(1.5, rng.uniform(2.5, 6) * k))
         mask &= part
         img[mask > 0] = img[mask > 0] * rng.uniform(0.35, 0.75) + rng.normal(0, 4, (int(mask.sum()), 1))
     else:

@@ -77,3 +77,15 @@ def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:
     tmp = path.with_suffix(path.suffix + ".tmp")
     frame.to_csv(tmp, index=False)
     tmp.replace(path)
+
+
+def ingest_category(params, category: str, progress: bool = True) -> pd.DataFrame:
+    """The manifest of one category from params (``urd.config.Params``); the demo dataset is
+    generated first when ``dataset.name`` is ``demo`` and its folder does not exist yet."""
+    p = params.for_category(category)
+    root = Path(p.dataset.root)
+    if p.dataset.name == "demo" and not root.exists():
+        from .demo import DemoSpec, generate_demo
+
+        generate_demo(root, DemoSpec(seed=p.seed))
+    return build_manifest(p.dataset.name, root, category, p.dataset.val_fraction, progress)

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .images import IMAGENET_MEAN, IMAGENET_STD, read_image, read_mask, resize_image, resize_mask
 
@@ -82,24 +82,40 @@ class EvalDataset(Dataset):
         }
 
 
-def train_batches(dataset: TrainDataset, batch_size: int, num_workers: int = 2, seed: int = 0, pin_memory: bool = False) -> Iterator[dict[str, Tensor]]:
-    """Endless shuffled batches (an iteration budget, not epochs); each pass reshuffles deterministically."""
-    if len(dataset) == 0:
-        raise ValueError("no training images: the train split is empty (check the manifest and dataset.val_fraction)")
-    generator = torch.Generator()
-    generator.manual_seed(seed)
-    loader = DataLoader(
-        dataset,
-        batch_size=min(batch_size, len(dataset)),
-        shuffle=True,
-        drop_last=True,
-        num_workers=num_workers,
-        persistent_workers=num_workers > 0,
-        pin_memory=pin_memory,
-        generator=generator,
-    )
-    while True:
-        yield from loader
+class EpochBatchSampler(Sampler[list[int]]):
+    """Endless shuffled batches (an iteration budget, not epochs), resumable at any batch.
+
+    Batch ``k`` is a function of (seed, k) alone: epoch ``k // per_epoch`` is a permutation drawn
+    from a generator seeded with (seed, epoch), so a resumed run sees exactly the batches an
+    uninterrupted one would have. Incomplete last batches of an epoch are dropped.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_batch: int = 0) -> None:
+        if num_items == 0:
+            raise ValueError("no training images: the train split is empty (check the manifest and dataset.val_fraction)")
+        self.num_items = num_items
+        self.batch_size = min(batch_size, num_items)
+        self.per_epoch = num_items // self.batch_size
+        self.seed = seed
+        self.start_batch = start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        k = self.start_batch
+        while True:
+            epoch, offset = divmod(k, self.per_epoch)
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            permutation = torch.randperm(self.num_items, generator=generator)
+            yield permutation[offset * self.batch_size : (offset + 1) * self.batch_size].tolist()
+            k += 1
+
+
+def train_batches(
+    dataset: TrainDataset, batch_size: int, num_workers: int = 2, seed: int = 0, start_batch: int = 0, pin_memory: bool = False
+) -> Iterator[dict[str, Tensor]]:
+    """Endless training batches from ``start_batch`` on (see :class:`EpochBatchSampler`)."""
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_batch)
+    loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
+    return iter(loader)
 
 
 def eval_loader(dataset: EvalDataset, batch_size: int = 8, num_workers: int = 0) -> DataLoader:

@@ -67,6 +67,27 @@ class Encoder(nn.Module):
         return [f1, f2, f3]
 
 
+@torch.no_grad()
+def estimate_batchnorm_statistics(encoder: Encoder, batches) -> None:
+    """Set every BatchNorm's running mean/var to the statistics of ``batches`` (normalised images).
+
+    Used for a randomly initialised backbone (``weights: none``): its default statistics (mean 0,
+    var 1) leave deep random features badly scaled and nearly parallel, which makes cosine
+    distances uninformative. The weights are not changed.
+    """
+    norms = [m for m in encoder.modules() if isinstance(m, nn.BatchNorm2d)]
+    saved = [(m.momentum, m.training) for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over all batches
+        m.train()
+    for images in batches:
+        encoder(images)
+    for m, (momentum, training) in zip(norms, saved):
+        m.momentum = momentum
+        m.train(training)
+
+
 def imagenet_cache_file(name: str) -> Path:
     """Where torchvision looks for the ImageNet weights of ``name`` before downloading them."""
     url = backbone_spec(name).imagenet.url

@@ -13,13 +13,15 @@ from torch import Tensor
 
 
 def cosine_distance_map(a: Tensor, b: Tensor) -> Tensor:
-    """Eq. (1): per-pixel 1 - cos over channels. B x C x H x W (twice) -> B x H x W."""
-    return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1)
+    """Eq. (1): per-pixel 1 - cos over channels. B x C x H x W (twice) -> B x H x W, in fp32."""
+    with torch.autocast(a.device.type, enabled=False):
+        return 1.0 - F.cosine_similarity(a.float(), b.float(), dim=1)
 
 
 def flat_cosine_distance(a: Tensor, b: Tensor) -> Tensor:
-    """Eq. (4)-(5): 1 - cos of the flattened feature maps, one value per sample, averaged over the batch."""
-    return (1.0 - F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)).mean()
+    """Eq. (4)-(5): 1 - cos of the flattened feature maps, one value per sample, averaged over the batch (fp32)."""
+    with torch.autocast(a.device.type, enabled=False):
+        return (1.0 - F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)).mean()
 
 
 def mask_at_scale(mask: Tensor, size: tuple[int, int]) -> Tensor:

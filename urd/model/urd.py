@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from ..config import Params
 from .anomaly_map import AnomalyMap, image_score
-from .backbone import Encoder, backbone_spec, build_encoder
+from .backbone import Encoder, backbone_spec, build_encoder, estimate_batchnorm_statistics
 from .bottleneck import OCBE
 from .decoder import Decoder
 
@@ -98,6 +98,14 @@ class URD(InferenceGraph):
     def student_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the student optimizer: bottleneck + decoder + GII."""
         return self.student.parameters()
+
+    def init_random_backbone_statistics(self, batches) -> None:
+        """For ``weights: none``: estimate the teacher's BatchNorm statistics on training images
+        (see :func:`estimate_batchnorm_statistics`) and make the expert a copy of the result, so the
+        expert stays a frozen copy of the teacher's initial state."""
+        estimate_batchnorm_statistics(self.teacher, batches)
+        if self.expert is not None:
+            self.expert = copy.deepcopy(self.teacher).requires_grad_(False).eval()
 
     def inference_graph(self) -> InferenceGraph:
         """The deployable graph: shares teacher/student/anomaly-map modules, holds no expert."""

@@ -1,0 +1,102 @@
+"""Thresholds and score normalisation from held-out data (never the test split).
+
+* Without labelled anomalies: the image threshold is the (1 - ``target_fpr``) quantile of the val
+  normals' image scores, the pixel threshold the (1 - ``pixel_target_fpr``) quantile of their
+  pixels; a normal part is then flagged at about the target rate.
+* With a labelled calibration set (defect images the user provides, never test images): the
+  F1-optimal thresholds on val normals + those defects.
+
+Scores are normalised as ``clip((s - threshold) / (max - min) + 0.5, 0, 1)`` with min/max of the
+calibration scores, so the threshold maps to exactly 0.5 and every score to [0, 1].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .config import CalibrateParams
+from .metrics import binary_curve, curve_f1_max
+
+
+def normalize_scores(scores: np.ndarray, threshold: float, low: float, high: float) -> np.ndarray:
+    """Map ``threshold`` to 0.5 and clip to [0, 1] (works for image scores and anomaly maps)."""
+    return np.clip((np.asarray(scores, np.float64) - threshold) / max(high - low, 1e-12) + 0.5, 0.0, 1.0)
+
+
+def calibrate(
+    params: CalibrateParams,
+    val_scores: np.ndarray,
+    val_maps: np.ndarray,
+    anomaly_scores: np.ndarray | None = None,
+    anomaly_maps: np.ndarray | None = None,
+    anomaly_masks: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Thresholds + normalisation constants. ``val_*``: held-out normal images; ``anomaly_*``: an
+    optional labelled calibration set of defect images (maps and masks for the pixel threshold)."""
+    if len(val_scores) == 0:
+        raise ValueError("calibration needs val images (held-out normals); dataset.val_fraction is 0 or the val split is empty")
+    val_scores = np.asarray(val_scores, np.float64)
+    if anomaly_scores is None or len(anomaly_scores) == 0:
+        image_threshold = float(np.quantile(val_scores, 1 - params.target_fpr, method="higher"))
+        pixel_threshold = float(np.quantile(val_maps.ravel(), 1 - params.pixel_target_fpr, method="higher"))
+        method = "val_quantile"
+        all_scores, all_maps = val_scores, val_maps
+    else:
+        labels = np.r_[np.zeros(len(val_scores)), np.ones(len(anomaly_scores))]
+        all_scores = np.r_[val_scores, np.asarray(anomaly_scores, np.float64)]
+        _, image_threshold = curve_f1_max(binary_curve(all_scores, labels))
+        all_maps = np.concatenate([val_maps, anomaly_maps]) if anomaly_maps is not None else val_maps
+        if anomaly_masks is not None and np.asarray(anomaly_masks).any():
+            pixel_labels = np.concatenate([np.zeros(val_maps.shape, bool), np.asarray(anomaly_masks, bool)])
+            _, pixel_threshold = curve_f1_max(binary_curve(all_maps.ravel(), pixel_labels.ravel()))
+        else:
+            pixel_threshold = float(np.quantile(val_maps.ravel(), 1 - params.pixel_target_fpr, method="higher"))
+        method = "f1_calibration_set"
+    return {
+        "method": method,
+        "target_fpr": params.target_fpr,
+        "pixel_target_fpr": params.pixel_target_fpr,
+        "image_threshold": float(image_threshold),
+        "pixel_threshold": float(pixel_threshold),
+        "image_min": float(all_scores.min()),
+        "image_max": float(max(all_scores.max(), image_threshold)),
+        "pixel_min": float(all_maps.min()),
+        "pixel_max": float(max(all_maps.max(), pixel_threshold)),
+        "val_images": int(len(val_scores)),
+        "calibration_anomalies": 0 if anomaly_scores is None else int(len(anomaly_scores)),
+        "val_false_positive_rate": float((val_scores >= image_threshold).mean()),
+    }
+
+
+def calibrate_model(model_dir, manifest, params: CalibrateParams, calibration_rows=None, device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+    """Calibrate the model in ``model_dir`` on the val split of ``manifest`` (+ an optional labelled
+    calibration set given as manifest rows) and write ``calibration.json`` next to the model."""
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from .checkpoint import atomic_write_text, load_model
+    from .train import score_images
+
+    graph, meta = load_model(model_dir, device)
+    size = meta["preprocessing"]["image_size"]
+    val = manifest[manifest["split"] == "val"]
+    val_maps, val_scores, _ = score_images(graph, val, size, torch.device(device), progress=progress, desc="calibrate (val)")
+    anomaly = {}
+    if calibration_rows is not None and len(calibration_rows):
+        test_hashes = set(manifest.loc[manifest["split"] == "test", "sha256"])
+        shared = calibration_rows[calibration_rows["sha256"].isin(test_hashes)]
+        if len(shared):
+            raise ValueError(
+                f"{len(shared)} calibration images are also test images (e.g. {shared['path'].iloc[0]}); thresholds are "
+                "never set on the test split. Use defect images that are not in the test set."
+            )
+        defects = calibration_rows[calibration_rows["label"] == 1]
+        maps, scores, masks = score_images(graph, defects, size, torch.device(device), progress=progress, desc="calibrate (defects)")
+        anomaly = {"anomaly_scores": scores, "anomaly_maps": maps, "anomaly_masks": masks}
+    result = calibrate(params, val_scores, val_maps, **anomaly)
+    atomic_write_text(Path(model_dir) / "calibration.json", json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,109 @@
+"""Files a trained model lives in, and training checkpoints. Nothing here unpickles code.
+
+* A trained model is a folder with ``model.safetensors`` (teacher + student weights, no expert)
+  and ``model.json`` (architecture, input size, preprocessing, training summary).
+* A training checkpoint (``checkpoints/last.pt``) holds model and optimiser states, RNG states and
+  the iteration; it is written to a temporary file and renamed, and read with weights_only=True.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import __version__
+from .config import Params
+from .data.images import IMAGENET_MEAN, IMAGENET_STD, RESIZE_METHOD
+from .model.urd import URD, InferenceGraph
+
+MODEL_WEIGHTS = "model.safetensors"
+MODEL_META = "model.json"
+
+
+class ModelFileError(FileNotFoundError):
+    """A model folder that is missing a file or does not match its metadata."""
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def model_meta(params: Params, category: str) -> dict[str, Any]:
+    m = params.model
+    return {
+        "format": "urd-model/1",
+        "urd_version": __version__,
+        "category": category,
+        "dataset": params.dataset.name,
+        "architecture": {
+            "backbone": m.backbone,
+            "gii": m.gii,
+            "expert_in_training": m.expert,
+            "blur_sigma": m.blur_sigma,
+        },
+        "weights_source": m.weights,
+        "preprocessing": {
+            "image_size": params.dataset.image_size,
+            "resize": RESIZE_METHOD,
+            "color": "RGB",
+            "scale": "1/255",
+            "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
+        },
+    }
+
+
+def save_model(model: URD, meta: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write the inference weights and metadata of ``model`` to ``out_dir``."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu().contiguous() for k, v in model.inference_graph().state_dict().items()}
+    tmp = out_dir / f".{MODEL_WEIGHTS}.tmp"
+    save_file(state, str(tmp))
+    os.replace(tmp, out_dir / MODEL_WEIGHTS)
+    atomic_write_text(out_dir / MODEL_META, json.dumps(meta, indent=2) + "\n")
+    return out_dir
+
+
+def read_meta(model_dir: str | Path) -> dict[str, Any]:
+    path = Path(model_dir) / MODEL_META
+    if not path.is_file():
+        raise ModelFileError(f"{path} not found: {model_dir} is not a trained urd model folder (run `urd train` first).")
+    return json.loads(path.read_text())
+
+
+def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[InferenceGraph, dict[str, Any]]:
+    """The inference graph (eval mode) and metadata of a trained model folder."""
+    meta = read_meta(model_dir)
+    weights = Path(model_dir) / MODEL_WEIGHTS
+    if not weights.is_file():
+        raise ModelFileError(f"{weights} not found; the model folder is incomplete. Retrain or copy the whole folder.")
+    arch = meta["architecture"]
+    model = URD(arch["backbone"], "none", expert=False, gii=arch["gii"], image_size=meta["preprocessing"]["image_size"], blur_sigma=arch["blur_sigma"])
+    graph = model.inference_graph()
+    try:
+        graph.load_state_dict(load_file(str(weights)))
+    except RuntimeError as exc:
+        raise ModelFileError(f"{weights} does not match the architecture in {MODEL_META}: {str(exc)[:300]}") from None
+    return graph.to(device).eval(), meta
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    return torch.load(path, map_location="cpu", weights_only=True)
