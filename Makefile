@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/urd info
+	$(VENV)/bin/urd run
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(VENV)/.installed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -194,6 +195,57 @@ def predict(
         console.print(f"[red]could not score[/] {r.error}", highlight=False)
     if failed:
         raise typer.Exit(code=1)
+
+
+@app.command()
+def export(
+    model: Path = typer.Option(..., help="trained (and calibrated) model folder"),
+    out: Path = typer.Option(None, help="bundle folder (default: <model>/bundle)"),
+    params: Path = typer.Option(Path("params.yaml"), help="params file (package section)"),
+    overwrite: bool = typer.Option(False, help="replace an existing bundle"),
+) -> None:
+    """Package the model as a bundle: ONNX + TorchScript graphs, weights and metadata.json."""
+    from .checkpoint import ModelFileError, read_meta
+    from .export import export_bundle
+
+    try:
+        meta = read_meta(model)
+        _, _, p = _load(params, meta["category"])
+        out = out or model / "bundle"
+        export_bundle(model, out, p.package.formats, p.package.onnx_opset, overwrite=overwrite)
+    except (ModelFileError, FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    console.print(f"bundle written to {out}")
+
+
+@app.command()
+def run(
+    params: Path = typer.Option(Path("params.yaml"), help="params file"),
+    category: list[str] = typer.Option(None, help="categories (default: all in params.yaml)"),
+    models: Path = typer.Option(Path("models"), help="parent folder of the model folders"),
+    reports: Path = typer.Option(Path("reports"), help="parent folder of the reports"),
+) -> None:
+    """Train (resuming where a run stopped), calibrate and evaluate every category: the whole job
+    for one machine without DVC/MLflow. Prints a summary table."""
+    try:
+        cfg = load_params(params)
+    except ConfigError as exc:
+        _fail(str(exc))
+    results = {}
+    for name in category or cfg.dataset.categories:
+        train(category=name, params=params, out=models / name, resume=True)
+        calibrate(model=models / name, params=params, calibration_set=None)
+        evaluate(model=models / name, params=params, out=reports / name)
+        results[name] = json.loads((reports / name / "metrics.json").read_text())
+    table = Table(title="test split (thresholds calibrated on val)")
+    for col in ("category", "I-AUROC", "I-AP", "P-AUROC", "P-AP", "AUPRO@0.3", "test FPR / recall at threshold"):
+        table.add_column(col, justify="right")
+    for name, m in results.items():
+        o, c = m["overall"], m.get("at_calibrated_threshold", {})
+        table.add_row(name, *(f"{o.get(k, float('nan')):.3f}" for k in ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")),
+                      f"{c.get('false_positive_rate', float('nan')):.2f} / {c.get('recall', float('nan')):.2f}")
+    console.print(table)
+    console.print(f"models: {models}/<category>, reports (metrics.json, curves, gallery.png): {reports}/<category>")
 
 
 @app.command("demo-data")

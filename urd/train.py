@@ -204,8 +204,14 @@ def train_category(
     synth = AnomalySynthesizer(p.synthesis, torch.from_numpy(textures).permute(0, 3, 1, 2).contiguous(), seed=p.seed, device=device)
 
     start, history, val_history, best = 0, [], [], None
+    params_json = json.dumps(p.model_dump(), sort_keys=True)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
+        if state.get("params") != params_json:
+            raise ValueError(
+                f"{checkpoint_path} was written with other params than params.yaml has now; resuming would mix two "
+                f"runs. Remove {checkpoint_path.parent} to start over, or restore the params it was trained with."
+            )
         model.load_state_dict(state["model"])
         optimizers.student.load_state_dict(state["optimizer_student"])
         if optimizers.teacher is not None:
@@ -258,6 +264,7 @@ def train_category(
                 "history": json.dumps(history),
                 "val_history": json.dumps(val_history),
                 "best": json.dumps(best),
+                "params": params_json,
             })
     bar.close()
     elapsed = time.perf_counter() - started

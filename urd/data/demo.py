@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-DEMO_VERSION = 1
+DEMO_VERSION = 3
 CATEGORIES = {"tiles": ("crack", "stain", "chip"), "widget": ("scratch", "missing_piece", "contamination")}
 
 
@@ -31,7 +31,7 @@ CATEGORIES = {"tiles": ("crack", "stain", "chip"), "widget": ("scratch", "missin
 class DemoSpec:
     seed: int = 0
     size: int = 256
-    train: int = 60
+    train: int = 120
     test_good: int = 16
     test_per_defect: int = 8
     version: int = DEMO_VERSION
@@ -50,15 +50,11 @@ def _smooth_noise(rng: np.random.Generator, size: int, scales=(4, 16, 48), weigh
 
 
 def _finish(rng: np.random.Generator, img: np.ndarray) -> np.ndarray:
-    """Lighting, a soft illumination gradient and sensor noise -> uint8."""
-    size = img.shape[0]
-    gain = rng.uniform(0.9, 1.1)
-    offset = rng.uniform(-8, 8)
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size - 0.5
-    angle = rng.uniform(0, 2 * np.pi)
-    gradient = 1 + rng.uniform(0, 0.08) * (np.cos(angle) * xx + np.sin(angle) * yy)
-    img = img * gain * gradient[..., None] + offset
-    img = img + rng.normal(0, rng.uniform(1.5, 3.5), img.shape)
+    """Lighting (global gain and offset) and sensor noise -> uint8."""
+    gain = rng.uniform(0.94, 1.06)
+    offset = rng.uniform(-4, 4)
+    img = img * gain + offset
+    img = img + rng.normal(0, rng.uniform(1.0, 2.5), img.shape)
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -104,19 +100,19 @@ def _tiles_defect(rng: np.random.Generator, img: np.ndarray, grout: np.ndarray, 
     k = size / 256  # defect geometry is specified for 256 x 256 images
     mask = np.zeros((size, size), np.uint8)
     if kind == "crack":
-        line = _jagged_polyline(rng, rng.uniform(40 * k, size - 40 * k, 2), rng.uniform(30, 110) * k, step=6.0 * k)
-        cv2.polylines(mask, [line], False, 1, thickness=int(rng.integers(1, 3)))
+        line = _jagged_polyline(rng, rng.uniform(40 * k, size - 40 * k, 2), rng.uniform(50, 130) * k, step=6.0 * k)
+        cv2.polylines(mask, [line], False, 1, thickness=max(1, int(rng.integers(2, 4) * k)))
         img[mask > 0] *= rng.uniform(0.45, 0.7)
     elif kind == "stain":
-        mask = _blob(rng, size, rng.uniform(40 * k, size - 40 * k, 2), rng.uniform(7, 20) * k)
-        tint = rng.choice([-1, 1]) * rng.uniform(14, 30) * np.array([1.0, 0.8, 0.5], np.float32)
+        mask = _blob(rng, size, rng.uniform(40 * k, size - 40 * k, 2), rng.uniform(10, 26) * k)
+        tint = rng.choice([-1, 1]) * rng.uniform(16, 32) * np.array([1.0, 0.8, 0.5], np.float32)
         img[mask > 0] += tint
     elif kind == "chip":
         # A broken corner of one tile: a triangle against two grout lines, showing the rough bed.
         ys, xs = np.nonzero(grout[3:-3, 3:-3] & np.roll(grout, 1, 0)[3:-3, 3:-3] & np.roll(grout, 1, 1)[3:-3, 3:-3])
         i = rng.integers(len(ys))
         cy, cx = ys[i] + 3, xs[i] + 3
-        leg = rng.uniform(7, 15) * k
+        leg = rng.uniform(12, 24) * k
         sy, sx = rng.choice([-1, 1], 2)
         tri = np.array([[cx, cy], [cx + sx * leg, cy], [cx, cy + sy * leg]], np.float32)
         cv2.fillPoly(mask, [np.round(tri).astype(np.int32)], 1)
@@ -133,7 +129,7 @@ def _tiles_defect(rng: np.random.Generator, img: np.ndarray, grout: np.ndarray, 
 
 def _widget(rng: np.random.Generator, size: int) -> tuple[np.ndarray, np.ndarray, dict]:
     """A good widget image (float32 HxWx3), its part mask (uint8 0/1) and its geometry."""
-    c = size / 2 + rng.uniform(-6, 6, 2)
+    c = size / 2 + rng.uniform(-5, 5, 2) * size / 256
     r_outer = size * 0.33
     r_bore = size * 0.1
     rot = rng.uniform(-8, 8) * np.pi / 180
@@ -163,22 +159,22 @@ def _widget_defect(rng: np.random.Generator, img: np.ndarray, part: np.ndarray, 
         r = rng.uniform(r_bore + 8 * k, r_outer - 12 * k)
         p0 = c + r * np.array([np.cos(a), np.sin(a)])
         d = rng.uniform(0, 2 * np.pi)
-        length = rng.uniform(18, 60) * k
+        length = rng.uniform(30, 80) * k
         p1 = p0 + length * np.array([np.cos(d), np.sin(d)])
-        cv2.line(mask, tuple(np.round(p0).astype(int)), tuple(np.round(p1).astype(int)), 1, int(rng.integers(1, 3)))
+        cv2.line(mask, tuple(np.round(p0).astype(int)), tuple(np.round(p1).astype(int)), 1, max(1, int(rng.integers(2, 5) * k)))
         mask &= part
-        img[mask > 0] += rng.choice([-1, 1]) * rng.uniform(22, 45)
+        img[mask > 0] += rng.choice([-1, 1]) * rng.uniform(25, 50)
     elif kind == "missing_piece":
         a = rng.uniform(0, 2 * np.pi)
         bite = c + r_outer * np.array([np.cos(a), np.sin(a)])
-        cv2.circle(mask, tuple(np.round(bite).astype(int)), max(2, int(rng.uniform(6, 16) * k)), 1, -1)
+        cv2.circle(mask, tuple(np.round(bite).astype(int)), max(2, int(rng.uniform(10, 24) * k)), 1, -1)
         mask &= part
         img[mask > 0] = background[mask > 0]
     elif kind == "contamination":
         for _ in range(int(rng.integers(1, 4))):
             a = rng.uniform(0, 2 * np.pi)
             r = rng.uniform(r_bore + 6 * k, r_outer - 6 * k)
-            mask |= _blob(rng, size, c + r * np.array([np.cos(a), np.sin(a)]), max(1.5, rng.uniform(2.5, 6) * k))
+            mask |= _blob(rng, size, c + r * np.array([np.cos(a), np.sin(a)]), max(1.5, rng.uniform(4, 10) * k))
         mask &= part
         img[mask > 0] = img[mask > 0] * rng.uniform(0.35, 0.75) + rng.normal(0, 4, (int(mask.sum()), 1))
     else:

@@ -1,0 +1,5 @@
+import sys
+
+from .stages import main
+
+sys.exit(main())

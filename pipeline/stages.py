@@ -1,0 +1,150 @@
+"""Entry points of the dvc.yaml stages: ``python -m pipeline <stage> [--category C]``.
+
+Each is a thin wrapper over `urd`: it reads params.yaml, calls the library, writes the stage's
+declared outputs and nothing else. A failure prints one readable paragraph and exits non-zero,
+so DVC stops and nothing downstream runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from urd.config import ConfigError, Params, load_params
+
+PARAMS = Path("params.yaml")
+DEMO_ROOT = Path("data/raw/demo")
+
+
+def paths(category: str = "") -> dict[str, Path]:
+    """Every stage output, in one place (dvc.yaml names the same paths)."""
+    return {
+        "manifest": Path("data/manifests") / f"{category}.csv",
+        "validation": Path("reports/validation") / category,
+        "validated": Path("data/validated") / f"{category}.csv",
+        "textures": Path("data/prepared/textures.npy"),
+        "prepared": Path("data/prepared") / category,
+        "model": Path("models") / category,
+        "calibration": Path("models") / category / "calibration.json",
+        "metrics": Path("metrics") / f"{category}.json",
+        "report": Path("reports") / category,
+        "bundle": Path("bundles") / category,
+    }
+
+
+def demo_data(params: Params) -> None:
+    from urd.data.demo import DemoSpec, generate_demo
+
+    generate_demo(DEMO_ROOT, DemoSpec(seed=params.seed))
+
+
+def ingest(params: Params, category: str) -> None:
+    from urd.data.manifest import build_manifest, write_manifest
+
+    p = params.for_category(category)
+    manifest = build_manifest(p.dataset.name, p.dataset.root, category, p.dataset.val_fraction)
+    write_manifest(manifest, paths(category)["manifest"])
+
+
+def validate(params: Params, category: str) -> None:
+    from urd.data.manifest import read_manifest, write_manifest
+
+    from .validation import validate as run_validation
+
+    out = paths(category)
+    manifest = read_manifest(out["manifest"])
+    out["validated"].unlink(missing_ok=True)
+    run_validation(manifest, params.for_category(category).dataset, category, out["validation"])
+    write_manifest(manifest, out["validated"])
+
+
+def textures(params: Params) -> None:
+    from urd.data.prepare import prepare_textures
+
+    source = prepare_textures(params, paths()["textures"])
+    print(f"textures: {source}")
+
+
+def prepare(params: Params, category: str) -> None:
+    from urd.data.manifest import read_manifest
+    from urd.data.prepare import prepare_category
+
+    out = paths(category)
+    print(json.dumps(prepare_category(read_manifest(out["validated"]), params, category, out["prepared"])))
+
+
+def train(params: Params, category: str) -> None:
+    from urd.data.manifest import read_manifest
+    from urd.train import train_category
+
+    import shutil
+
+    from urd.checkpoint import load_checkpoint
+
+    out = paths(category)
+    checkpoint = out["model"] / "checkpoints" / "last.pt"
+    resume = checkpoint.exists()
+    if resume and load_checkpoint(checkpoint).get("params") != json.dumps(params.for_category(category).model_dump(), sort_keys=True):
+        # A checkpoint of a run with other params (DVC reruns train when they change): start over.
+        shutil.rmtree(checkpoint.parent)
+        resume = False
+    train_category(params, category, read_manifest(out["validated"]), out["model"], out["prepared"], out["textures"], resume=resume)
+
+
+def calibrate(params: Params, category: str) -> None:
+    from urd.calibrate import calibrate_model
+    from urd.data.manifest import read_manifest
+
+    out = paths(category)
+    result = calibrate_model(out["model"], read_manifest(out["validated"]), params.for_category(category).calibrate)
+    print(json.dumps(result))
+
+
+def evaluate(params: Params, category: str) -> None:
+    from urd.data.manifest import read_manifest
+    from urd.evaluate import evaluate_model
+
+    out = paths(category)
+    p = params.for_category(category)
+    metrics = evaluate_model(out["model"], read_manifest(out["validated"]), out["report"], p.evaluate.pro_fpr_limit, p.evaluate.gallery_size)
+    flat = {k: v for k, v in metrics["overall"].items()}
+    flat |= {f"{d}/{k}": v for d, entry in metrics["per_defect_type"].items() for k, v in entry.items() if k != "images"}
+    out["metrics"].parent.mkdir(parents=True, exist_ok=True)
+    out["metrics"].write_text(json.dumps(flat, indent=2) + "\n")
+
+
+def package(params: Params, category: str) -> None:
+    from urd.export import export_bundle
+
+    out = paths(category)
+    p = params.for_category(category)
+    metrics = json.loads((out["report"] / "metrics.json").read_text())
+    export_bundle(out["model"], out["bundle"], p.package.formats, p.package.onnx_opset, metrics=metrics, overwrite=True)
+
+
+STAGES = {"demo_data": demo_data, "ingest": ingest, "validate": validate, "textures": textures, "prepare": prepare,
+          "train": train, "calibrate": calibrate, "evaluate": evaluate, "package": package}
+GLOBAL_STAGES = {"demo_data", "textures"}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="dvc.yaml stage entry points")
+    parser.add_argument("stage", choices=sorted(STAGES))
+    parser.add_argument("--category", default=None)
+    parser.add_argument("--params", default=str(PARAMS))
+    args = parser.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        if args.stage in GLOBAL_STAGES:
+            STAGES[args.stage](params)
+        else:
+            if not args.category:
+                parser.error(f"stage {args.stage} needs --category")
+            params.for_category(args.category)  # unknown category -> clear error
+            STAGES[args.stage](params, args.category)
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
+        print(f"error in stage {args.stage}{' for ' + args.category if args.category else ''}: {exc}", file=sys.stderr)
+        return 1
+    return 0

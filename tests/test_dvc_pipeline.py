@@ -1,0 +1,69 @@
+"""dvc.yaml rerun behaviour on a tiny config, in a temporary copy of the repository."""
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import pytest
+import yaml
+
+from urd.config import Params
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {
+    "seed": 0,
+    "dataset": {"name": "demo", "root": "data/raw/demo", "categories": ["tiles", "widget"], "image_size": 64, "val_fraction": 0.2, "min_train_images": 4},
+    "train": {"iterations": 2, "batch_size": 2, "checkpoint_every": 2, "num_workers": 0},
+    "synthesis": {"foreground": {"widget": "otsu"}},
+    "evaluate": {"gallery_size": 1},
+    "package": {"formats": ["onnx"]},
+}
+
+
+def _write_params(path: Path) -> None:
+    # DVC reads the keys a stage names from params.yaml itself, so write every key out.
+    path.write_text(yaml.safe_dump(Params.model_validate(TINY).model_dump(mode="json")))
+
+
+def _dvc(cwd: Path, *args: str) -> str:
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout + result.stderr
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([^']+)'", output))
+
+
+@pytest.mark.slow
+def test_dvc_reruns_exactly_what_changed(tmp_path):
+    files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for f in files + ["dvc.yaml", "pipeline/stages.py", "pipeline/__main__.py"]:
+        if (REPO / f).is_file():
+            (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, tmp_path / f)
+    shutil.copytree(REPO / ".dvc", tmp_path / ".dvc", ignore=shutil.ignore_patterns("tmp", "cache"), dirs_exist_ok=True)
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    _write_params(tmp_path / "params.yaml")
+
+    first = _dvc(tmp_path, "repro")
+    assert {"ingest@tiles", "ingest@widget", "train@tiles", "package@widget"} <= _ran(first)
+    assert (tmp_path / "metrics" / "widget.json").is_file() and (tmp_path / "bundles" / "tiles" / "model.onnx").is_file()
+
+    assert _ran(_dvc(tmp_path, "repro")) == set()  # nothing changed -> nothing runs
+
+    image = tmp_path / "data/raw/demo/widget/train/good/000.png"
+    pixels = cv2.imread(str(image))
+    pixels[:8, :8] = 0
+    cv2.imwrite(str(image), pixels)
+    ran = _ran(_dvc(tmp_path, "repro")) - {"demo_data"}
+    assert "ingest@widget" in ran and not any(s.endswith("@tiles") for s in ran)
+
+    TINY["train"]["iterations"] = 3
+    _write_params(tmp_path / "params.yaml")
+    ran = _ran(_dvc(tmp_path, "repro"))
+    assert {"train@tiles", "train@widget", "evaluate@tiles", "evaluate@widget"} <= ran
+    assert not ran & {"ingest@tiles", "ingest@widget", "validate@tiles", "prepare@widget", "demo_data", "textures"}

@@ -1,0 +1,51 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from urd.checkpoint import load_model, model_meta, save_model
+from urd.config import parse_params
+from urd.export import METADATA_FILE, OnnxBundle, export_bundle
+from urd.model import URD
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("export")
+    params = parse_params({"dataset": {"image_size": 64}})
+    torch.manual_seed(0)
+    model = URD.from_params(params)
+    for p in model.student.parameters():  # non-trivial student so maps are not constant
+        p.data.add_(0.01 * torch.randn_like(p))
+    save_model(model, model_meta(params, "widget"), tmp / "model")
+    (tmp / "model" / "calibration.json").write_text(json.dumps({"image_threshold": 0.4, "pixel_threshold": 0.3}))
+    export_bundle(tmp / "model", tmp / "bundle", lineage={"git_commit": "abc"})
+    return tmp
+
+
+def test_onnx_and_torchscript_match_eager(bundle):
+    graph, _ = load_model(bundle / "model")
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        ref_map, ref_score = graph(x)
+    maps, scores = OnnxBundle(bundle / "bundle")(x.numpy())
+    np.testing.assert_allclose(maps, ref_map.numpy(), atol=1e-4)
+    np.testing.assert_allclose(scores, ref_score.numpy(), atol=1e-4)
+    scripted = torch.jit.load(str(bundle / "bundle" / "model.torchscript"))
+    with torch.no_grad():
+        ts_map, ts_score = scripted(x)
+    torch.testing.assert_close(ts_map, ref_map, atol=1e-4, rtol=0)
+    torch.testing.assert_close(ts_score, ref_score, atol=1e-4, rtol=0)
+
+
+def test_metadata_holds_what_a_user_needs(bundle):
+    meta = json.loads((bundle / "bundle" / METADATA_FILE).read_text())
+    assert meta["preprocessing"]["image_size"] == 64 and meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    assert meta["thresholds"]["image_threshold"] == 0.4 and meta["lineage"]["git_commit"] == "abc"
+    assert meta["architecture"]["backbone"] == "resnet18" and meta["weights_source"] == "none"
+
+
+def test_export_refuses_to_overwrite(bundle):
+    with pytest.raises(FileExistsError, match="overwrite"):
+        export_bundle(bundle / "model", bundle / "bundle")

@@ -1,0 +1,110 @@
+"""The inference bundle: a self-contained folder a serving process can load without urd's training code.
+
+    <bundle>/model.onnx             the inference graph (images -> anomaly_map, score), dynamic batch
+    <bundle>/model.torchscript      the same graph as TorchScript
+    <bundle>/model.safetensors      the weights (for urd.checkpoint.load_model)
+    <bundle>/model.json             architecture and preprocessing (as in the model folder)
+    <bundle>/metadata.json          everything a user needs to run and trust it: input size, resize
+                                    method, normalisation, thresholds and score normalisation,
+                                    backbone and weights source, metrics, lineage
+
+Thresholds in metadata.json are read at load time, so a user may edit them there. Nothing is
+unpickled: ONNX is a protobuf, TorchScript an archive of TorchScript code and tensors, weights
+are safetensors, metadata is JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .checkpoint import MODEL_META, MODEL_WEIGHTS, atomic_write_text, load_model
+
+ONNX_FILE = "model.onnx"
+TORCHSCRIPT_FILE = "model.torchscript"
+METADATA_FILE = "metadata.json"
+
+
+def export_bundle(
+    model_dir: str | Path,
+    out_dir: str | Path,
+    formats: list[str] = ("torchscript", "onnx"),
+    opset: int = 17,
+    metrics: dict[str, Any] | None = None,
+    lineage: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the bundle of the trained (and calibrated) model in ``model_dir`` to ``out_dir``.
+
+    Built in a temporary folder and moved into place, so a failed export leaves nothing behind.
+    """
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace the bundle there.")
+    graph, meta = load_model(model_dir)
+    calibration_file = model_dir / "calibration.json"
+    calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
+    size = meta["preprocessing"]["image_size"]
+    example = torch.randn(2, 3, size, size)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
+    try:
+        shutil.copy2(model_dir / MODEL_WEIGHTS, tmp / MODEL_WEIGHTS)
+        shutil.copy2(model_dir / MODEL_META, tmp / MODEL_META)
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if "torchscript" in formats:
+                torch.jit.save(torch.jit.trace(graph, example), str(tmp / TORCHSCRIPT_FILE))
+            if "onnx" in formats:
+                # The TorchScript-based exporter: the graph is static apart from the batch size.
+                torch.onnx.export(
+                    graph, (example,), str(tmp / ONNX_FILE), input_names=["images"], output_names=["anomaly_map", "score"],
+                    dynamic_axes={"images": {0: "batch"}, "anomaly_map": {0: "batch"}, "score": {0: "batch"}},
+                    opset_version=opset, dynamo=False,
+                )
+        metadata = {
+            "format": "urd-bundle/1",
+            "category": meta["category"],
+            "dataset": meta["dataset"],
+            "inputs": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
+            "outputs": {"anomaly_map": ["batch", 1, size, size], "score": ["batch"]},
+            "preprocessing": meta["preprocessing"],
+            "architecture": meta["architecture"],
+            "weights_source": meta["weights_source"],
+            "thresholds": calibration,
+            "metrics": metrics,
+            "lineage": lineage or {},
+            "training": meta.get("training", {}),
+            "files": {"onnx": ONNX_FILE if "onnx" in formats else None, "torchscript": TORCHSCRIPT_FILE if "torchscript" in formats else None,
+                      "weights": MODEL_WEIGHTS},
+        }
+        atomic_write_text(tmp / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+        if out_dir.exists():
+            shutil.rmtree(out_dir)
+        tmp.replace(out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return out_dir
+
+
+class OnnxBundle:
+    """Run an exported bundle with ONNX Runtime: normalised images (N x 3 x S x S) -> (maps, scores)."""
+
+    def __init__(self, bundle_dir: str | Path) -> None:
+        import onnxruntime
+
+        self.dir = Path(bundle_dir)
+        self.metadata = json.loads((self.dir / METADATA_FILE).read_text())
+        self.session = onnxruntime.InferenceSession(str(self.dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return maps, scores
