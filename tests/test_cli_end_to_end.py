@@ -88,3 +88,15 @@ def test_calibrate_evaluate_predict(trained):
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     result = runner.invoke(app, ["evaluate", "--model", str(tmp_path / "nothing")])
     assert result.exit_code == 2 and "not a trained urd model folder" in result.output
+
+
+def test_run_does_the_whole_job_and_is_resumable(trained):
+    args = ["run", "--params", str(trained / "params.yaml"), "--category", "widget",
+            "--models", str(trained / "models"), "--reports", str(trained / "reports")]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert (trained / "models" / "widget" / "calibration.json").is_file()
+    assert json.loads((trained / "reports" / "widget" / "metrics.json").read_text())["at_calibrated_threshold"]
+    assert "widget" in result.output and "I-AUROC" in result.output
+    again = runner.invoke(app, args)  # a second run resumes at the end instead of failing
+    assert again.exit_code == 0, again.output

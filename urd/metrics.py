@@ -46,7 +46,9 @@ def _distinct_ends(sorted_scores: np.ndarray) -> np.ndarray:
 
 
 def _order(scores: np.ndarray) -> np.ndarray:
-    return np.argsort(-scores, kind="stable")
+    # Not a stable sort (about 2x faster): the curves only read the last index of each run of
+    # equal scores, so the order within ties does not matter.
+    return np.argsort(-scores)
 
 
 def binary_curve(scores: np.ndarray, labels: np.ndarray, order: np.ndarray | None = None) -> Curve:
@@ -131,9 +133,6 @@ def pro_curve(scores: np.ndarray, masks: np.ndarray, fpr_limit: float | None = N
     if n_normal == 0:
         raise ValueError("AUPRO needs anomaly-free pixels")
     sizes = np.bincount(flat_labels, minlength=n_components + 1).astype(np.float64)
-    # Each anomalous pixel weighs 1 / (|its component| * K): summing weights above a threshold
-    # gives the mean per-component overlap. Each normal pixel weighs 1 / (number of normal pixels).
-    weights = np.where(normal, 0.0, 1.0 / (sizes[flat_labels] * n_components))
     if order is None:
         keep = np.arange(flat_scores.size)
         if fpr_limit is not None:
@@ -143,8 +142,12 @@ def pro_curve(scores: np.ndarray, masks: np.ndarray, fpr_limit: float | None = N
         order = keep[_order(flat_scores[keep])]
     s = flat_scores[order]
     ends = _distinct_ends(s)
-    fpr = np.cumsum(normal[order], dtype=np.float64)[ends] / n_normal
-    pro = np.cumsum(weights[order])[ends]
+    ordered_labels = flat_labels[order]
+    # Each anomalous pixel weighs 1 / (|its component| * K): summing weights above a threshold
+    # gives the mean per-component overlap. FPR counts normal pixels over all normal pixels.
+    weights = np.where(ordered_labels == 0, 0.0, 1.0 / (sizes[ordered_labels] * n_components))
+    fpr = np.cumsum(ordered_labels == 0, dtype=np.float64)[ends] / n_normal
+    pro = np.cumsum(weights)[ends]
     return np.r_[0.0, fpr], np.r_[0.0, pro]
 
 
