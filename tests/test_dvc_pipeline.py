@@ -1,5 +1,6 @@
 """dvc.yaml rerun behaviour on a tiny config, in a temporary copy of the repository."""
 
+import os
 import re
 import shutil
 import subprocess
@@ -29,7 +30,9 @@ def _write_params(path: Path) -> None:
 
 
 def _dvc(cwd: Path, *args: str) -> str:
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True)
+    # Stage commands call `python`: the one of this environment, as with an activated venv.
+    env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=cwd, capture_output=True, text=True, env=env)
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
 
