@@ -63,20 +63,27 @@ def _find_mask(folder: Path, stem: str, suffixes: tuple[str, ...] = ("_mask", ""
     return ""
 
 
-def read_mvtec(root: Path, category: str) -> list[Record]:
-    """MVTec AD / MPDD / the demo."""
-    base = _require_dir(root / category, f"category folder '{category}'", "MVTec AD")
-    records = [Record(str(p), category, "train", 0, "good", "") for p in _images(_require_dir(base / "train" / "good", "train/good", "MVTec AD"))]
-    test = _require_dir(base / "test", "test/", "MVTec AD")
+def _test_records(test: Path, category: str, mask_dir: Path, mask_suffixes: tuple[str, ...]) -> list[Record]:
+    """``test/good`` and ``test/<defect>`` folders -> records; a defect's mask is looked up in
+    ``mask_dir/<defect>/<stem><suffix>.<ext>``. A missing mask is recorded as "" and reported by
+    the validation gate, not here."""
+    records = []
     for defect_dir in sorted(d for d in test.iterdir() if d.is_dir()):
         defect = defect_dir.name
         for p in _images(defect_dir):
             if defect == "good":
                 records.append(Record(str(p), category, "test", 0, "good", ""))
             else:
-                # A missing mask is recorded as "" and reported by the validation gate, not here.
-                records.append(Record(str(p), category, "test", 1, defect, _find_mask(base / "ground_truth" / defect, p.stem, ("_mask",))))
+                records.append(Record(str(p), category, "test", 1, defect, _find_mask(mask_dir / defect, p.stem, mask_suffixes)))
     return records
+
+
+def read_mvtec(root: Path, category: str) -> list[Record]:
+    """MVTec AD / MPDD / the demo."""
+    base = _require_dir(root / category, f"category folder '{category}'", "MVTec AD")
+    records = [Record(str(p), category, "train", 0, "good", "") for p in _images(_require_dir(base / "train" / "good", "train/good", "MVTec AD"))]
+    test = _require_dir(base / "test", "test/", "MVTec AD")
+    return records + _test_records(test, category, base / "ground_truth", ("_mask",))
 
 
 def read_btad(root: Path, category: str) -> list[Record]:
@@ -126,15 +133,8 @@ def read_visa(root: Path, category: str) -> list[Record]:
 def read_folder(root: Path, category: str) -> list[Record]:
     base = _require_dir(root / category, f"category folder '{category}'", "folder")
     records = [Record(str(p), category, "train", 0, "good", "") for p in _images(_require_dir(base / "train" / "good", "train/good (normal images)", "folder"))]
-    test = base / "test"
-    if test.is_dir():
-        for defect_dir in sorted(d for d in test.iterdir() if d.is_dir()):
-            defect = defect_dir.name
-            for p in _images(defect_dir):
-                if defect == "good":
-                    records.append(Record(str(p), category, "test", 0, "good", ""))
-                else:
-                    records.append(Record(str(p), category, "test", 1, defect, _find_mask(base / "masks" / defect, p.stem)))
+    if (base / "test").is_dir():
+        records += _test_records(base / "test", category, base / "masks", ("_mask", ""))
     return records
 
 
