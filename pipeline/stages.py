@@ -1,8 +1,10 @@
 """Entry points of the dvc.yaml stages: ``python -m pipeline <stage> [--category C]``.
 
 Each is a thin wrapper over `urd`: it reads params.yaml, calls the library, writes the stage's
-declared outputs and nothing else. A failure prints one readable paragraph and exits non-zero,
-so DVC stops and nothing downstream runs.
+declared outputs and logs to MLflow (pipeline/tracking.py): train opens the category's run,
+calibrate, evaluate and package log into it, package registers the bundle (pipeline/registry.py).
+A failure prints one readable paragraph and exits non-zero, so DVC stops and nothing downstream
+runs.
 """
 
 from __future__ import annotations
@@ -28,8 +30,10 @@ def paths(category: str = "") -> dict[str, Path]:
         "prepared": Path("data/prepared") / category,
         "model": Path("models") / category,
         "calibration": Path("models") / category / "calibration.json",
+        "mlflow_run": Path("models") / category / "mlflow_run.json",
         "metrics": Path("metrics") / f"{category}.json",
         "report": Path("reports") / category,
+        "plots": Path("plots") / category,
         "bundle": Path("bundles") / category,
     }
 
@@ -76,12 +80,15 @@ def prepare(params: Params, category: str) -> None:
 
 
 def train(params: Params, category: str) -> None:
+    import shutil
+
+    import mlflow
+
+    from urd.checkpoint import load_checkpoint
     from urd.data.manifest import read_manifest
     from urd.train import train_category
 
-    import shutil
-
-    from urd.checkpoint import load_checkpoint
+    from . import tracking
 
     out = paths(category)
     checkpoint = out["model"] / "checkpoints" / "last.pt"
@@ -90,38 +97,83 @@ def train(params: Params, category: str) -> None:
         # A checkpoint of a run with other params (DVC reruns train when they change): start over.
         shutil.rmtree(checkpoint.parent)
         resume = False
-    train_category(params, category, read_manifest(out["validated"]), out["model"], out["prepared"], out["textures"], resume=resume)
+    tracking.start_category_run(params, category, out["mlflow_run"], resume=resume)
+    with tracking.category_run(out["mlflow_run"]):
+        if out["validation"].is_dir():
+            mlflow.log_artifacts(str(out["validation"]), "validation")
+
+        def log_losses(iteration: int, losses: dict[str, float]) -> None:
+            mlflow.log_metrics({f"train_{k}": float(v) for k, v in losses.items()}, step=iteration)
+
+        summary = train_category(params, category, read_manifest(out["validated"]), out["model"], out["prepared"], out["textures"],
+                                 resume=resume, on_log=log_losses)
+        mlflow.log_metrics({"train_seconds": summary["seconds"], "selected_iteration": summary["selected_iteration"]})
+        mlflow.log_artifact(str(out["model"] / "training.json"))
 
 
 def calibrate(params: Params, category: str) -> None:
+    import mlflow
+
     from urd.calibrate import calibrate_model
     from urd.data.manifest import read_manifest
 
+    from . import tracking
+
     out = paths(category)
     result = calibrate_model(out["model"], read_manifest(out["validated"]), params.for_category(category).calibrate)
+    with tracking.category_run(out["mlflow_run"]):
+        mlflow.log_metrics({k: float(v) for k, v in result.items() if k.endswith(("_threshold", "_rate"))})
+        mlflow.log_artifact(str(out["calibration"]))
     print(json.dumps(result))
 
 
 def evaluate(params: Params, category: str) -> None:
+    import mlflow
+
     from urd.data.manifest import read_manifest
     from urd.evaluate import evaluate_model
 
+    from . import tracking
+
     out = paths(category)
     p = params.for_category(category)
-    metrics = evaluate_model(out["model"], read_manifest(out["validated"]), out["report"], p.evaluate.pro_fpr_limit, p.evaluate.gallery_size)
+    metrics = evaluate_model(out["model"], read_manifest(out["validated"]), out["report"], p.evaluate.pro_fpr_limit, p.evaluate.gallery_size,
+                             plots_dir=out["plots"])
     flat = {k: v for k, v in metrics["overall"].items()}
     flat |= {f"{d}/{k}": v for d, entry in metrics["per_defect_type"].items() for k, v in entry.items() if k != "images"}
     out["metrics"].parent.mkdir(parents=True, exist_ok=True)
     out["metrics"].write_text(json.dumps(flat, indent=2) + "\n")
+    with tracking.category_run(out["mlflow_run"]):
+        tracking.log_evaluation(metrics)
+        mlflow.log_artifacts(str(out["report"]), "evaluation")
+        mlflow.log_artifacts(str(out["plots"]), "evaluation/plots")
 
 
 def package(params: Params, category: str) -> None:
+    import mlflow
+
+    from urd.data.manifest import read_manifest
     from urd.export import export_bundle
+
+    from . import tracking
+    from .model_card import write_model_card
+    from .registry import register_bundle
 
     out = paths(category)
     p = params.for_category(category)
     metrics = json.loads((out["report"] / "metrics.json").read_text())
-    export_bundle(out["model"], out["bundle"], p.package.formats, p.package.onnx_opset, metrics=metrics, overwrite=True)
+    manifest = read_manifest(out["validated"])
+    lineage = tracking.lineage_tags(params, category)
+    with tracking.category_run(out["mlflow_run"]) as run:
+        lineage["mlflow_run_id"] = run.info.run_id
+        export_bundle(out["model"], out["bundle"], p.package.formats, p.package.onnx_opset, metrics=metrics, lineage=lineage, overwrite=True)
+        card_json, card_md = write_model_card(out["bundle"], manifest)
+        mlflow.log_artifact(str(card_md), "model_card")
+        mlflow.log_artifact(str(card_json), "model_card")
+        example = manifest.loc[manifest["split"] == "val", "path"].head(1).tolist()
+        tags = lineage | {f"test_{k}": f"{v:.4f}" for k, v in metrics["overall"].items() if isinstance(v, float)}
+        version = register_bundle(out["bundle"], p.dataset.name, category, tags, example[0] if example else None)
+    print(f"registered {version.name} version {version.version} as @candidate ({tracking.tracking_uri()})")
 
 
 STAGES = {"demo_data": demo_data, "ingest": ingest, "validate": validate, "textures": textures, "prepare": prepare,

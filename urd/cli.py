@@ -166,7 +166,7 @@ def evaluate(
 @app.command()
 def predict(
     inputs: list[Path] = typer.Argument(..., help="image files and/or folders"),
-    model: Path = typer.Option(..., help="trained model folder"),
+    model: Path = typer.Option(..., help="trained model folder, or an exported bundle (run with ONNX Runtime)"),
     out: Path = typer.Option(Path("predictions"), help="output folder"),
     overwrite: bool = typer.Option(False, help="write into an existing output folder"),
     batch_size: int = typer.Option(8, help="images per forward pass"),

@@ -134,27 +134,32 @@ def gallery(rows: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.
 
 
 def write_report(rows: pd.DataFrame, scores: np.ndarray, maps: np.ndarray, masks: np.ndarray, out_dir: str | Path, pro_limit: float = 0.3,
-                 gallery_size: int = 8, calibration: dict | None = None) -> dict[str, Any]:
-    """metrics.json, scores.csv, curve plots and the overlay gallery under ``out_dir``."""
+                 gallery_size: int = 8, calibration: dict | None = None, plots_dir: str | Path | None = None) -> dict[str, Any]:
+    """metrics.json and scores.csv under ``out_dir``; curve plots and the overlay gallery under
+    ``plots_dir`` (default: ``out_dir``)."""
     out_dir = Path(out_dir)
+    plots_dir = out_dir if plots_dir is None else Path(plots_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    plots_dir.mkdir(parents=True, exist_ok=True)
     labels = rows["label"].to_numpy()
     metrics = compute_metrics(labels, scores, maps, masks, rows["defect_type"].to_numpy(), pro_limit)
     threshold = None
     if calibration is not None:
         threshold = calibration["image_threshold"]
         metrics["at_calibrated_threshold"] = confusion(labels, scores, threshold)
+        if masks.any():
+            metrics["at_calibrated_pixel_threshold"] = confusion(masks.ravel(), maps.ravel(), calibration["pixel_threshold"])
     frame = rows[["path", "label", "defect_type"]].copy()
     frame["score"] = scores
     frame.to_csv(out_dir / "scores.csv", index=False)
-    plot_curves(labels, scores, maps, masks, out_dir, pro_limit)
-    gallery(rows, scores, maps, masks, gallery_size, out_dir / "gallery.png", threshold)
+    plot_curves(labels, scores, maps, masks, plots_dir, pro_limit)
+    gallery(rows, scores, maps, masks, gallery_size, plots_dir / "gallery.png", threshold)
     atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
 
 
 def evaluate_model(model_dir: str | Path, manifest: pd.DataFrame, out_dir: str | Path, pro_limit: float = 0.3, gallery_size: int = 8,
-                   device: str = "cpu", progress: bool = True) -> dict[str, Any]:
+                   device: str = "cpu", progress: bool = True, plots_dir: str | Path | None = None) -> dict[str, Any]:
     """Score the test split of ``manifest`` with the model in ``model_dir`` and write the report."""
     import torch
 
@@ -168,4 +173,4 @@ def evaluate_model(model_dir: str | Path, manifest: pd.DataFrame, out_dir: str |
     maps, scores, masks = score_images(graph, test, meta["preprocessing"]["image_size"], torch.device(device), progress=progress, desc="evaluate")
     calibration_file = Path(model_dir) / "calibration.json"
     calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
-    return write_report(test, scores, maps, masks, out_dir, pro_limit, gallery_size, calibration)
+    return write_report(test, scores, maps, masks, out_dir, pro_limit, gallery_size, calibration, plots_dir)

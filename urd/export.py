@@ -71,6 +71,7 @@ def export_bundle(
                 )
         metadata = {
             "format": "urd-bundle/1",
+            "urd_version": meta.get("urd_version"),
             "category": meta["category"],
             "dataset": meta["dataset"],
             "inputs": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},

@@ -44,17 +44,51 @@ def expand_inputs(inputs: list[str | Path]) -> list[Path]:
 
 
 class Predictor:
-    """A trained model folder (model.safetensors + model.json [+ calibration.json]) ready to score images."""
+    """A trained model, ready to score images. ``model_dir`` is either
+
+    * a model folder (model.safetensors + model.json [+ calibration.json]): eager PyTorch, or
+    * an exported bundle (metadata.json + model.onnx, see urd.export): ONNX Runtime, with the
+      thresholds read from metadata.json (so a user's edits there take effect).
+    """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+        from .export import METADATA_FILE, OnnxBundle
+
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
-        self.graph, self.meta = load_model(self.model_dir, self.device)
+        self.bundle: OnnxBundle | None = None
+        metadata_file = self.model_dir / METADATA_FILE
+        if metadata_file.is_file() and json.loads(metadata_file.read_text())["files"].get("onnx"):
+            self.bundle = OnnxBundle(self.model_dir)
+            self.meta = self.bundle.metadata
+            self.calibration = self.meta.get("thresholds")
+        else:  # a model folder, or a bundle without ONNX (it holds the weights too)
+            self.graph, self.meta = load_model(self.model_dir, self.device)
+            if metadata_file.is_file():
+                self.calibration = json.loads(metadata_file.read_text()).get("thresholds")
+            else:
+                calibration = self.model_dir / CALIBRATION_FILE
+                self.calibration = json.loads(calibration.read_text()) if calibration.is_file() else None
         self.image_size = int(self.meta["preprocessing"]["image_size"])
-        calibration = self.model_dir / CALIBRATION_FILE
-        self.calibration = json.loads(calibration.read_text()) if calibration.is_file() else None
 
     @torch.no_grad()
+    def score_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """RGB uint8 images (any size) -> anomaly maps (N x S x S) and image scores (N), raw scale."""
+        batch = np.stack([resize_image(image, self.image_size) for image in images])
+        tensor = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2))
+        if self.bundle is not None:
+            maps, scores = self.bundle(tensor.numpy())
+            return maps[:, 0], scores
+        maps, scores = self.graph(tensor.to(self.device))
+        return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+
+    def decide(self, score: float) -> tuple[float, bool | None]:
+        """(normalised score, is anomalous) at the calibrated threshold; (nan, None) uncalibrated."""
+        if self.calibration is None:
+            return float("nan"), None
+        c = self.calibration
+        return float(normalize_scores(score, c["image_threshold"], c["image_min"], c["image_max"])), bool(score >= c["image_threshold"])
+
     def predict(self, paths: list[str | Path], batch_size: int = 8, progress: bool = False) -> list[Prediction]:
         results = [Prediction(str(p)) for p in paths]
         ok: list[int] = []
@@ -66,21 +100,15 @@ class Predictor:
                 r.error = str(exc)
                 continue
             r.original_size = image.shape[:2]
-            images.append(resize_image(image, self.image_size))
+            images.append(image)
             ok.append(i)
         for start in tqdm(range(0, len(ok), batch_size), desc="predict", unit="batch", disable=not progress):
             chunk = ok[start : start + batch_size]
-            batch = torch.from_numpy(np.stack(images[start : start + len(chunk)])).permute(0, 3, 1, 2).to(self.device)
-            maps, scores = self.graph(normalize(batch))
+            maps, scores = self.score_arrays(images[start : start + len(chunk)])
             for j, i in enumerate(chunk):
                 results[i].score = float(scores[j])
-                results[i].anomaly_map = maps[j, 0].float().cpu().numpy()
-        if self.calibration is not None:
-            c = self.calibration
-            for r in results:
-                if not r.error:
-                    r.normalized_score = float(normalize_scores(r.score, c["image_threshold"], c["image_min"], c["image_max"]))
-                    r.is_anomalous = bool(r.score >= c["image_threshold"])
+                results[i].anomaly_map = maps[j]
+                results[i].normalized_score, results[i].is_anomalous = self.decide(results[i].score)
         return results
 
     def defect_mask(self, prediction: Prediction) -> np.ndarray | None:

@@ -18,17 +18,20 @@ class ImageReadError(OSError):
     """An image or mask file that cannot be read; the message names the file."""
 
 
-def _decode(path: str | Path) -> np.ndarray:
-    path = Path(path)
-    data = np.fromfile(str(path), dtype=np.uint8) if path.is_file() else None
-    if data is None:
-        raise ImageReadError(f"{path}: file not found. Check the dataset folder, or remove the entry that names it.")
+def _decode_bytes(data: np.ndarray, name: str) -> np.ndarray:
     image = cv2.imdecode(data, cv2.IMREAD_UNCHANGED) if data.size else None
     if image is None:
         raise ImageReadError(
-            f"{path}: not a readable image (corrupt, truncated or an unsupported format). Replace or remove the file."
+            f"{name}: not a readable image (corrupt, truncated or an unsupported format). Replace or remove the file."
         )
     return image
+
+
+def _decode(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"{path}: file not found. Check the dataset folder, or remove the entry that names it.")
+    return _decode_bytes(np.fromfile(str(path), dtype=np.uint8), str(path))
 
 
 def to_uint8(image: np.ndarray) -> np.ndarray:
@@ -41,9 +44,8 @@ def to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(image / (peak if peak > 1 else 1.0) * (255 if peak <= 1 else 1), 0, 255).astype(np.uint8)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Any common format, grey/RGB/RGBA, 8 or 16 bit -> H x W x 3 uint8 RGB."""
-    image = to_uint8(_decode(path))
+def _to_rgb(image: np.ndarray) -> np.ndarray:
+    image = to_uint8(image)
     if image.ndim == 2:
         return cv2.cvtColor(image, cv2.COLOR_GRAY2RGB)
     if image.shape[2] == 4:
@@ -51,6 +53,16 @@ def read_image(path: str | Path) -> np.ndarray:
     if image.shape[2] == 1:
         return cv2.cvtColor(image[..., 0], cv2.COLOR_GRAY2RGB)
     return cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Any common format, grey/RGB/RGBA, 8 or 16 bit -> H x W x 3 uint8 RGB."""
+    return _to_rgb(_decode(path))
+
+
+def decode_image(data: bytes, name: str = "image") -> np.ndarray:
+    """An encoded image file's bytes (PNG, JPEG, BMP, TIFF...) -> H x W x 3 uint8 RGB, as read_image."""
+    return _to_rgb(_decode_bytes(np.frombuffer(data, dtype=np.uint8), name))
 
 
 def read_mask(path: str | Path) -> np.ndarray:

@@ -1,0 +1,179 @@
+"""The model card of a packaged category model: ``model_card.json`` + ``model_card.md`` in the bundle.
+
+Built from what the bundle's metadata.json already records (architecture, preprocessing,
+thresholds, test metrics, lineage) plus the category's manifest (image counts per split and
+defect type). Sections follow the usual model-card outline: model details, intended use and
+out-of-scope uses, training data, evaluation data, metrics, thresholds, caveats, how to use.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from urd.checkpoint import atomic_write_text
+
+CARD_JSON = "model_card.json"
+CARD_MD = "model_card.md"
+METRIC_NAMES = {
+    "image_auroc": "Image AUROC", "image_ap": "Image AP", "image_f1_max": "Image F1-max",
+    "pixel_auroc": "Pixel AUROC", "pixel_ap": "Pixel AP", "pixel_aupro": "AUPRO (FPR <= 0.3)", "pixel_f1_max": "Pixel F1-max",
+}
+
+
+def registered_name(dataset: str, category: str) -> str:
+    return f"urd-{dataset}-{category}"
+
+
+def _caveats(metadata: dict[str, Any], counts: dict[str, Any]) -> list[str]:
+    caveats = []
+    if metadata.get("weights_source") == "none":
+        caveats.append(
+            "WARNING: the backbone (teacher/expert encoder) was RANDOMLY INITIALISED, not pretrained. This is the offline demo "
+            "setting; scores are far weaker than the paper's. Do not use this model on a production line; retrain with "
+            "model.weights: imagenet."
+        )
+    if metadata.get("dataset") == "demo":
+        caveats.append("Trained and evaluated on the generated demo dataset (synthetic images), not on real parts.")
+    test = counts["test"]
+    if test["defect"] < 30 or test["good"] < 30:
+        caveats.append(f"Small test set ({test['good']} good, {test['defect']} defective images): metrics have wide confidence intervals.")
+    if counts["val"] < 20:
+        caveats.append(f"Thresholds come from only {counts['val']} held-out normal images; the false-positive rate on the line may differ from the target.")
+    image_auroc = (metadata.get("metrics") or {}).get("overall", {}).get("image_auroc")
+    if image_auroc is not None and image_auroc < 0.9:
+        caveats.append(f"Image AUROC on the test split is {image_auroc:.3f} (< 0.90): expect missed defects and false alarms.")
+    caveats.append("Anomalies are deviations from the training images: new lighting, fixtures, product variants or camera "
+                   "positions will raise scores and need a retrain on images of the new normal.")
+    return caveats
+
+
+def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, Any]:
+    """The card as a JSON-serialisable dict."""
+    dataset, category = metadata["dataset"], metadata["category"]
+    split = manifest["split"]
+    test = manifest[split == "test"]
+    counts = {
+        "train": int((split == "train").sum()),
+        "val": int((split == "val").sum()),
+        "test": {"good": int((test["label"] == 0).sum()), "defect": int((test["label"] == 1).sum()),
+                 "per_defect_type": {str(k): int(v) for k, v in test.loc[test["label"] == 1, "defect_type"].value_counts().sort_index().items()}},
+    }
+    metrics = metadata.get("metrics") or {}
+    thresholds = metadata.get("thresholds") or {}
+    name = registered_name(dataset, category)
+    lineage = metadata.get("lineage") or {}
+    return {
+        "model_details": {
+            "name": name,
+            "method": "URD (Unlocking the Potential of Reverse Distillation, AAAI 2025): Expert-Teacher-Student reverse distillation with Guided Information Injection",
+            "category": category,
+            "dataset": dataset,
+            "architecture": metadata.get("architecture"),
+            "weights_source": metadata.get("weights_source"),
+            "preprocessing": metadata.get("preprocessing"),
+            "training": metadata.get("training"),
+            "urd_version": metadata.get("urd_version"),
+            "files": metadata.get("files"),
+        },
+        "intended_use": [
+            f"Flag anomalous (defective) images of '{category}' parts photographed like the training images, and localise the defect with the anomaly map.",
+            "Support a human quality inspector or sort parts for review at the calibrated operating point.",
+        ],
+        "out_of_scope": [
+            "Other products, camera set-ups or lighting than the training images.",
+            "Classifying the defect type (the model only says how anomalous and where).",
+            "Safety-critical accept decisions without human review.",
+        ],
+        "training_data": {
+            "description": "Normal (defect-free) images only; synthetic anomalies (Perlin masks + textures) are generated during training.",
+            "train_images": counts["train"],
+            "val_images": counts["val"],
+            "val_use": "held-out normal images, used for model selection and threshold calibration (never the test split)",
+            "dvc_data_md5": lineage.get("dvc_data_md5", "unknown"),
+            "dvc_manifest_md5": lineage.get("dvc_manifest_md5", "unknown"),
+        },
+        "evaluation_data": {"split": "test", **counts["test"]},
+        "metrics": {"overall": metrics.get("overall", {}), "per_defect_type": metrics.get("per_defect_type", {})},
+        "thresholds": {
+            "image_threshold": thresholds.get("image_threshold"),
+            "pixel_threshold": thresholds.get("pixel_threshold"),
+            "method": thresholds.get("method"),
+            "target_fpr": thresholds.get("target_fpr"),
+            "val_false_positive_rate": thresholds.get("val_false_positive_rate"),
+            "test_at_image_threshold": metrics.get("at_calibrated_threshold"),
+            "test_at_pixel_threshold": metrics.get("at_calibrated_pixel_threshold"),
+            "normalisation": "normalised score = clip((score - image_threshold) / (image_max - image_min) + 0.5, 0, 1); decision: normalised score >= 0.5",
+        },
+        "caveats": _caveats(metadata, counts),
+        "how_to_use": {
+            "predict": "urd predict <images or folder> --model <this bundle folder> --out predictions/",
+            "serve": f"mlflow models serve -m models:/{name}@candidate --env-manager local -h 127.0.0.1 -p 5001",
+            "python": "from urd.inference import Predictor; Predictor('<bundle folder>').predict(['part.png'])",
+            "onnx": "model.onnx: input 'images' (N x 3 x S x S, float32, RGB /255, ImageNet mean/std) -> 'anomaly_map', 'score'",
+            "thresholds": "edit thresholds in metadata.json to move the operating point; they are read at load time",
+        },
+        "lineage": lineage,
+    }
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
+
+
+def render_markdown(card: dict[str, Any]) -> str:
+    d = card["model_details"]
+    lines = [f"# Model card: {d['name']}", ""]
+    for caveat in card["caveats"]:
+        if caveat.startswith("WARNING"):
+            lines += [f"> **{caveat}**", ""]
+    lines += ["## Model details", "", f"- Method: {d['method']}", f"- Category: `{d['category']}`, dataset: `{d['dataset']}`"]
+    arch = d.get("architecture") or {}
+    lines += [f"- Backbone: `{arch.get('backbone')}` (weights: **{d.get('weights_source')}**), GII: `{arch.get('gii')}`, "
+              f"expert in training: {arch.get('expert_in_training')}"]
+    pre = d.get("preprocessing") or {}
+    lines += [f"- Input: {pre.get('image_size')}x{pre.get('image_size')} {pre.get('color')}, resize {pre.get('resize')}, "
+              f"scale {pre.get('scale')}, mean {pre.get('mean')}, std {pre.get('std')}"]
+    t = d.get("training") or {}
+    if t:
+        lines += [f"- Training: {t.get('iterations')} iterations on {t.get('device')} ({t.get('precision')}), "
+                  f"{_fmt(t.get('seconds'))} s, kept iteration {t.get('selected_iteration')} (selection: {t.get('selection')})"]
+    lines += ["", "## Intended use", "", *[f"- {x}" for x in card["intended_use"]], "", "## Out-of-scope uses", "",
+              *[f"- {x}" for x in card["out_of_scope"]], ""]
+    td = card["training_data"]
+    lines += ["## Training data", "", f"- {td['description']}", f"- {td['train_images']} training images, {td['val_images']} val images ({td['val_use']})",
+              f"- DVC hash of the raw data: `{td['dvc_data_md5']}`; of the manifest: `{td['dvc_manifest_md5']}`", ""]
+    ed = card["evaluation_data"]
+    per_type = ", ".join(f"{k}: {v}" for k, v in ed["per_defect_type"].items())
+    lines += ["## Evaluation data", "", f"- Test split: {ed['good']} good and {ed['defect']} defective images ({per_type})", ""]
+    overall = card["metrics"]["overall"]
+    keys = [k for k in METRIC_NAMES if k in overall]
+    lines += ["## Metrics (test split)", "", "| | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|",
+              "| overall | " + " | ".join(_fmt(overall[k]) for k in keys) + " |"]
+    for defect, entry in card["metrics"]["per_defect_type"].items():
+        lines.append(f"| {defect} | " + " | ".join(_fmt(entry.get(k)) for k in keys) + " |")
+    th = card["thresholds"]
+    lines += ["", "## Calibrated thresholds", "", f"- Image threshold {_fmt(th['image_threshold'])}, pixel threshold {_fmt(th['pixel_threshold'])} "
+              f"(method: {th['method']}, target false-positive rate {th['target_fpr']}; on val: {_fmt(th['val_false_positive_rate'])})"]
+    for key, label in (("test_at_image_threshold", "images"), ("test_at_pixel_threshold", "pixels")):
+        c = th.get(key)
+        if c:
+            lines.append(f"- Test {label} at this threshold (reported, not tuned): false-positive rate {_fmt(c['false_positive_rate'])}, "
+                         f"recall {_fmt(c['recall'])}, precision {_fmt(c['precision'])} (tp {c['tp']}, fp {c['fp']}, fn {c['fn']}, tn {c['tn']})")
+    lines += [f"- {th['normalisation']}", "", "## Caveats", "", *[f"- {x}" for x in card["caveats"]], "", "## How to use", ""]
+    lines += [f"- {k}: `{v}`" if k != "thresholds" else f"- {k}: {v}" for k, v in card["how_to_use"].items()]
+    lines += ["", "## Lineage", "", *[f"- {k}: `{v}`" for k, v in card["lineage"].items()], ""]
+    return "\n".join(lines)
+
+
+def write_model_card(bundle_dir: str | Path, manifest: pd.DataFrame) -> tuple[Path, Path]:
+    """Write model_card.json and model_card.md into the bundle; returns their paths."""
+    bundle_dir = Path(bundle_dir)
+    metadata = json.loads((bundle_dir / "metadata.json").read_text())
+    card = build_card(metadata, manifest)
+    atomic_write_text(bundle_dir / CARD_JSON, json.dumps(card, indent=2) + "\n")
+    atomic_write_text(bundle_dir / CARD_MD, render_markdown(card))
+    return bundle_dir / CARD_JSON, bundle_dir / CARD_MD

@@ -1,0 +1,181 @@
+"""Bundle -> predict parity, model card, MLflow tracking helpers, pyfunc model and registry."""
+
+import json
+import shutil
+
+import pandas as pd
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from pipeline import tracking
+from pipeline.model_card import CARD_JSON, CARD_MD, build_card, write_model_card
+from urd.cli import app
+from urd.config import parse_params
+from urd.data.demo import DemoSpec, generate_demo
+from urd.data.manifest import build_manifest
+from urd.export import METADATA_FILE, export_bundle
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def packaged(tmp_path_factory):
+    """A tiny trained, calibrated, evaluated and exported widget model."""
+    tmp = tmp_path_factory.mktemp("packaging")
+    generate_demo(tmp / "demo", DemoSpec(size=64, train=8, test_good=3, test_per_defect=2))
+    params = {
+        "dataset": {"root": str(tmp / "demo"), "image_size": 64, "val_fraction": 0.25, "min_train_images": 2},
+        "train": {"iterations": 3, "batch_size": 2, "checkpoint_every": 3, "log_every": 1, "num_workers": 0},
+        "synthesis": {"foreground": {"widget": "otsu"}},
+        "evaluate": {"gallery_size": 2},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    p, model = str(tmp / "params.yaml"), str(tmp / "model")
+    for args in (["train", "--category", "widget", "--out", model], ["calibrate", "--model", model], ["evaluate", "--model", model, "--out", str(tmp / "report")]):
+        result = runner.invoke(app, [*args, "--params", p])
+        assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp / "report" / "metrics.json").read_text())
+    export_bundle(tmp / "model", tmp / "bundle", metrics=metrics, lineage={"git_commit": "abc", "dvc_data_md5": "123.dir"})
+    return tmp
+
+
+def test_predict_with_the_bundle_reproduces_the_evaluate_scores(packaged):
+    test_files = pd.read_csv(packaged / "report" / "scores.csv")
+    result = runner.invoke(app, ["predict", *test_files["path"], "--model", str(packaged / "bundle"), "--out", str(packaged / "pred")])
+    assert result.exit_code == 0, result.output
+    predicted = pd.read_csv(packaged / "pred" / "predictions.csv").set_index("path")
+    for path, score in zip(test_files["path"], test_files["score"]):
+        assert predicted.loc[path, "score"] == pytest.approx(score, abs=1e-4)
+    calibration = json.loads((packaged / "model" / "calibration.json").read_text())
+    assert (predicted["is_anomalous"] == (predicted["score"] >= calibration["image_threshold"])).all()
+
+
+def test_thresholds_edited_in_metadata_take_effect(packaged):
+    from urd.inference import Predictor
+
+    bundle = packaged / "edited"
+    shutil.copytree(packaged / "bundle", bundle)
+    meta = json.loads((bundle / METADATA_FILE).read_text())
+    files = pd.read_csv(packaged / "report" / "scores.csv")["path"].tolist()[:3]
+    meta["thresholds"]["image_threshold"] = -1.0  # everything is anomalous
+    (bundle / METADATA_FILE).write_text(json.dumps(meta))
+    assert all(r.is_anomalous for r in Predictor(bundle).predict(files))
+    meta["thresholds"]["image_threshold"] = 1e9  # nothing is
+    (bundle / METADATA_FILE).write_text(json.dumps(meta))
+    assert not any(r.is_anomalous for r in Predictor(bundle).predict(files))
+
+
+def test_model_card_sections_counts_and_warning(packaged):
+    manifest = build_manifest("demo", packaged / "demo", "widget", 0.25)
+    card_json, card_md = write_model_card(packaged / "bundle", manifest)
+    assert card_json.name == CARD_JSON and card_md.name == CARD_MD
+    card = json.loads(card_json.read_text())
+    for section in ("model_details", "intended_use", "out_of_scope", "training_data", "evaluation_data", "metrics", "thresholds", "caveats", "how_to_use"):
+        assert card[section], section
+    assert card["model_details"]["name"] == "urd-demo-widget"
+    assert card["training_data"]["train_images"] == int((manifest.split == "train").sum())
+    assert card["training_data"]["val_images"] == int((manifest.split == "val").sum())
+    assert card["training_data"]["dvc_data_md5"] == "123.dir"
+    assert card["evaluation_data"]["good"] == 3 and card["evaluation_data"]["defect"] == 6
+    assert card["evaluation_data"]["per_defect_type"] == {"contamination": 2, "missing_piece": 2, "scratch": 2}
+    metrics = json.loads((packaged / "report" / "metrics.json").read_text())
+    at = card["thresholds"]["test_at_image_threshold"]
+    assert at == metrics["at_calibrated_threshold"] and card["thresholds"]["test_at_pixel_threshold"]["recall"] >= 0
+    assert card["caveats"][0].startswith("WARNING") and "RANDOMLY INITIALISED" in card["caveats"][0]
+    text = card_md.read_text()
+    for heading in ("## Model details", "## Intended use", "## Out-of-scope uses", "## Training data", "## Evaluation data",
+                    "## Metrics (test split)", "## Calibrated thresholds", "## Caveats", "## How to use"):
+        assert heading in text, heading
+    assert "> **WARNING" in text and f"recall {at['recall']:.4f}" in text
+    for defect in ("scratch", "missing_piece", "contamination"):
+        assert f"| {defect} |" in text
+
+
+def test_model_card_without_warning_for_pretrained_weights(packaged):
+    meta = json.loads((packaged / "bundle" / METADATA_FILE).read_text()) | {"weights_source": "imagenet", "dataset": "mvtec"}
+    card = build_card(meta, build_manifest("demo", packaged / "demo", "widget", 0.25))
+    assert not any(c.startswith("WARNING") for c in card["caveats"]) and card["model_details"]["name"] == "urd-mvtec-widget"
+
+
+def test_tracking_uri_defaults_to_sqlite_at_the_repo_root(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    (tmp_path / "sub").mkdir()
+    monkeypatch.chdir(tmp_path / "sub")
+    assert tracking.tracking_uri() == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.tracking_uri() == "http://mlflow.example:5000"
+
+
+def test_flatten_params():
+    flat = tracking.flatten({"train": {"lr": 0.1, "betas": [0.5, 0.9]}, "seed": 0, "x": {"y": {"z": None}}})
+    assert flat == {"train.lr": "0.1", "train.betas": "[0.5, 0.9]", "seed": "0", "x.y.z": "null"}
+
+
+def test_lineage_reads_dvc_hashes_from_the_lock_file(tmp_path):
+    (tmp_path / "dvc.yaml").write_text("stages: {}\n")
+    lock = {"schema": "2.0", "stages": {"ingest@widget": {
+        "deps": [{"path": "data/raw/demo/widget", "md5": "abc.dir"}, {"path": "urd/data/layouts.py", "md5": "x"}],
+        "outs": [{"path": "data/manifests/widget.csv", "md5": "def"}]}}}
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
+    tags = tracking.lineage_tags(parse_params({}), "widget", tmp_path)
+    assert tags["dvc_data_md5"] == "abc.dir" and tags["dvc_manifest_md5"] == "def"
+    assert tags["dataset"] == "demo" and tags["weights_source"] == "none" and tags["git_commit"] == "unknown"
+    assert tracking.lineage_tags(parse_params({}), "tiles", tmp_path)["dvc_data_md5"] == "unknown"
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_runs_are_shared_across_stages_and_the_bundle_is_registered(packaged, mlflow_store):
+    import mlflow
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from pipeline.registry import register_bundle
+    from urd.inference import Predictor
+
+    params = parse_params({"dataset": {"root": str(packaged / "demo"), "image_size": 64}})
+    run_file = mlflow_store / "models" / "widget" / "mlflow_run.json"
+    run_id = tracking.start_category_run(params, "widget", run_file)
+    assert tracking.start_category_run(params, "widget", run_file, resume=True) == run_id  # a resumed training keeps its run
+    with tracking.category_run(run_file) as run:
+        assert run.info.run_id == run_id
+        tracking.log_evaluation(json.loads((packaged / "report" / "metrics.json").read_text()))
+        version = register_bundle(packaged / "bundle", "demo", "widget", {"git_commit": "abc", "test_image_auroc": "0.5"})
+    client = MlflowClient()
+    logged = client.get_run(run_id)
+    assert logged.data.params["train.iterations"] == str(params.train.iterations) and logged.data.tags["dataset"] == "demo"
+    assert "test_image_auroc" in logged.data.metrics and "test/scratch/image_auroc" in logged.data.metrics
+    assert client.get_experiment(logged.info.experiment_id).name == "urd-demo"
+    assert version.name == "urd-demo-widget" and version.tags["git_commit"] == "abc"
+    assert client.get_model_version_by_alias("urd-demo-widget", "candidate").version == version.version
+
+    model = mlflow.pyfunc.load_model("models:/urd-demo-widget@candidate")
+    files = pd.read_csv(packaged / "report" / "scores.csv")["path"].tolist()[:4]
+    out = model.predict(pd.DataFrame({"image": [open(f, "rb").read() for f in files]}))
+    expected = Predictor(packaged / "bundle").predict(files)
+    assert list(out.columns[:3]) == ["score", "normalized_score", "is_anomalous"]
+    for row, ref in zip(out.itertuples(), expected):
+        assert row.score == pytest.approx(ref.score, abs=1e-6) and row.is_anomalous == ref.is_anomalous
+    with_maps = model.predict(pd.DataFrame({"image": [open(files[0], "rb").read()]}), params={"return_anomaly_map": True})
+    assert len(with_maps["anomaly_map"][0]) == 64 and len(with_maps["anomaly_map"][0][0]) == 64
+    with pytest.raises(MlflowException, match="row 1"):
+        model.predict(pd.DataFrame({"image": [open(files[0], "rb").read(), b"not an image"]}))
+
+    with tracking.category_run(run_file):
+        again = register_bundle(packaged / "bundle", "demo", "widget", {})
+    assert int(again.version) == int(version.version) + 1
+    assert client.get_model_version_by_alias("urd-demo-widget", "candidate").version == again.version
+
+
+def test_category_run_without_the_train_stage_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="train stage"):
+        with tracking.category_run(tmp_path / "mlflow_run.json"):
+            pass
