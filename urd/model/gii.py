@@ -10,6 +10,13 @@ student feature F_S^{i+1}, and returns F_SGII^{i+1}, which replaces F_S^{i+1} as
     5: F_SGII   = Conv3x3(concat[F_SSA, F_S^{i+1}])
 
 Mode ``skip`` is the "+SC" row of Table 7: no similarity attention, F_SSA = F_Fuse.
+
+Each "Conv3x3" is a conv-BatchNorm-ReLU block (the paper does not spell the block out). The
+normalisation matters: step 4 mixes F_Fuse and F_S^{i+1} with per-pixel weights, which is only a
+blend of like-scaled features when F_Fuse is normalised as F_S is (it leaves a decoder BN-ReLU).
+With plain convs the mix turns into a Sim-dependent gain on the injected feature; on the demo
+(random backbone, 300 iterations) that collapsed image AUROC from 0.85 (RD-E) to 0.50, while
+with the normalised blocks the full method reaches 0.85 (bench/results/ablation_cpu.md).
 """
 
 from __future__ import annotations
@@ -25,15 +32,20 @@ def feature_similarity(teacher: Tensor, student: Tensor) -> Tensor:
         return F.cosine_similarity(teacher.float(), student.float(), dim=1).unsqueeze(1).to(student.dtype)
 
 
+def conv3x3_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+    )
+
+
 class GII(nn.Module):
     def __init__(self, low_channels: int, high_channels: int, gated: bool = True) -> None:
         super().__init__()
-        self.gated = gated
         self.down = nn.AvgPool2d(2)
         self.project = nn.Conv2d(low_channels, high_channels, 1)  # step 1
-        self.fuse = nn.Conv2d(high_channels, high_channels, 3, padding=1)  # step 2
-        self.attend = nn.Conv2d(high_channels, high_channels, 3, padding=1) if gated else None  # step 4
-        self.merge = nn.Conv2d(2 * high_channels, high_channels, 3, padding=1)  # step 5
+        self.fuse = conv3x3_bn_relu(high_channels, high_channels)  # step 2
+        self.attend = conv3x3_bn_relu(high_channels, high_channels) if gated else None  # step 4
+        self.merge = conv3x3_bn_relu(2 * high_channels, high_channels)  # step 5
 
     def forward(self, teacher_low: Tensor, teacher_high: Tensor, student_high: Tensor) -> Tensor:
         # teacher_low: B x C_i x 2H x 2W; teacher_high, student_high: B x C_{i+1} x H x W
