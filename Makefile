@@ -11,8 +11,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	touch $@
 
+# The full pipeline on the embedded demo: DVC stages (run with the venv first on PATH), MLflow
+# tracking and registry in ./mlflow.db, then a summary of where everything is.
 demo: $(VENV)/.installed
-	$(VENV)/bin/urd run
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+	$(PY) -m pipeline summary
 
 # pytest exits 5 when it collects no tests; that is not a failure of the suite.
 test: $(VENV)/.installed

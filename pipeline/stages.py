@@ -105,9 +105,9 @@ def train(params: Params, category: str) -> None:
         def log_losses(iteration: int, losses: dict[str, float]) -> None:
             mlflow.log_metrics({f"train_{k}": float(v) for k, v in losses.items()}, step=iteration)
 
-        summary = train_category(params, category, read_manifest(out["validated"]), out["model"], out["prepared"], out["textures"],
+        trained = train_category(params, category, read_manifest(out["validated"]), out["model"], out["prepared"], out["textures"],
                                  resume=resume, on_log=log_losses)
-        mlflow.log_metrics({"train_seconds": summary["seconds"], "selected_iteration": summary["selected_iteration"]})
+        mlflow.log_metrics({"train_seconds": trained["seconds"], "selected_iteration": trained["selected_iteration"]})
         mlflow.log_artifact(str(out["model"] / "training.json"))
 
 
@@ -176,9 +176,36 @@ def package(params: Params, category: str) -> None:
     print(f"registered {version.name} version {version.version} as @candidate ({tracking.tracking_uri()})")
 
 
+def summary(params: Params) -> None:
+    """After `dvc repro`: each category's test metrics and where the results are (not a DVC stage)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import tracking
+
+    table = Table(title=f"urd: {params.dataset.name} (test split)")
+    for column in ("category", "I-AUROC", "P-AUROC", "AUPRO@0.3", "model card", "bundle"):
+        table.add_column(column)
+    for category in params.dataset.categories:
+        out = paths(category)
+        if not out["metrics"].is_file():
+            table.add_row(category, "-", "-", "-", "(not built: run dvc repro)", "")
+            continue
+        m = json.loads(out["metrics"].read_text())
+        table.add_row(category, *(f"{100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "pixel_aupro")),
+                      str(out["bundle"] / "model_card.md"), str(out["bundle"]))
+    console = Console()
+    console.print(table)
+    uri = tracking.tracking_uri()
+    console.print(f"metrics: metrics/<category>.json (dvc metrics show); plots and overlay gallery: plots/<category>/ (dvc plots show); "
+                  f"reports: reports/<category>/")
+    console.print(f"MLflow: {uri}  ->  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+    console.print("serve a category: mlflow models serve -m models:/urd-<dataset>-<category>@candidate --env-manager local")
+
+
 STAGES = {"demo_data": demo_data, "ingest": ingest, "validate": validate, "textures": textures, "prepare": prepare,
-          "train": train, "calibrate": calibrate, "evaluate": evaluate, "package": package}
-GLOBAL_STAGES = {"demo_data", "textures"}
+          "train": train, "calibrate": calibrate, "evaluate": evaluate, "package": package, "summary": summary}
+GLOBAL_STAGES = {"demo_data", "textures", "summary"}
 
 
 def main(argv: list[str] | None = None) -> int:

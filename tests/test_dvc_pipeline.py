@@ -1,5 +1,6 @@
 """dvc.yaml rerun behaviour on a tiny config, in a temporary copy of the repository."""
 
+import json
 import os
 import re
 import shutil
@@ -55,6 +56,19 @@ def test_dvc_reruns_exactly_what_changed(tmp_path):
     first = _dvc(tmp_path, "repro")
     assert {"ingest@tiles", "ingest@widget", "train@tiles", "package@widget"} <= _ran(first)
     assert (tmp_path / "metrics" / "widget.json").is_file() and (tmp_path / "bundles" / "tiles" / "model.onnx").is_file()
+    assert "## Caveats" in (tmp_path / "bundles" / "widget" / "model_card.md").read_text()
+    assert "image_auroc" in _dvc(tmp_path, "metrics", "show")
+    _dvc(tmp_path, "plots", "show")
+    assert "gallery.png" in (tmp_path / "dvc_plots" / "index.html").read_text()
+    # MLflow: one run per category shared by the stages, the bundle registered as @candidate
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    first_run = json.loads((tmp_path / "models" / "widget" / "mlflow_run.json").read_text())["run_id"]
+    run = client.get_run(first_run)
+    assert {"test_image_auroc", "image_threshold", "train_teacher"} <= set(run.data.metrics), run.data.metrics.keys()
+    assert run.data.tags["dvc_data_md5"].endswith(".dir") and run.data.tags["git_commit"]
+    assert client.get_model_version_by_alias("urd-demo-widget", "candidate").run_id == first_run
 
     assert _ran(_dvc(tmp_path, "repro")) == set()  # nothing changed -> nothing runs
 
@@ -70,3 +84,5 @@ def test_dvc_reruns_exactly_what_changed(tmp_path):
     ran = _ran(_dvc(tmp_path, "repro"))
     assert {"train@tiles", "train@widget", "evaluate@tiles", "evaluate@widget"} <= ran
     assert not ran & {"ingest@tiles", "ingest@widget", "validate@tiles", "prepare@widget", "demo_data", "textures"}
+    rerun = json.loads((tmp_path / "models" / "widget" / "mlflow_run.json").read_text())["run_id"]
+    assert rerun != first_run and client.get_model_version_by_alias("urd-demo-widget", "candidate").run_id == rerun
