@@ -44,9 +44,17 @@ def request_body(images: list[bytes], return_anomaly_map: bool = False) -> dict[
 
 
 def _requirements() -> list[str]:
-    from importlib.metadata import version
+    """What the served model imports, pinned to this environment's versions (urd itself must be
+    installed where it is served; it is not on PyPI)."""
+    from importlib.metadata import PackageNotFoundError, version
 
-    return [f"{name}=={version(name)}" for name in ("torch", "onnxruntime", "opencv-python-headless", "numpy", "pandas", "safetensors")]
+    pinned = []
+    for name in ("torch", "onnxruntime", "opencv-python-headless", "opencv-python", "numpy", "pandas", "safetensors", "pydantic"):
+        try:
+            pinned.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            continue
+    return pinned
 
 
 def register_bundle(bundle_dir: str | Path, dataset: str, category: str, tags: dict[str, str], example_image: str | Path | None = None):
