@@ -184,17 +184,17 @@ def summary(params: Params) -> None:
     from . import tracking
 
     table = Table(title=f"urd: {params.dataset.name} (test split)")
-    for column in ("category", "I-AUROC", "P-AUROC", "AUPRO@0.3", "model card", "bundle"):
+    for column in ("category", "I-AUROC", "P-AUROC", "AUPRO@0.3", "model card (in the bundle)"):
         table.add_column(column)
     for category in params.dataset.categories:
         out = paths(category)
         if not out["metrics"].is_file():
-            table.add_row(category, "-", "-", "-", "(not built: run dvc repro)", "")
+            table.add_row(category, "-", "-", "-", "(not built: run dvc repro)")
             continue
         m = json.loads(out["metrics"].read_text())
         table.add_row(category, *(f"{100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "pixel_aupro")),
-                      str(out["bundle"] / "model_card.md"), str(out["bundle"]))
-    console = Console()
+                      str(out["bundle"] / "model_card.md"))
+    console = Console(width=120)
     console.print(table)
     uri = tracking.tracking_uri()
     console.print(f"metrics: metrics/<category>.json (dvc metrics show); plots and overlay gallery: plots/<category>/ (dvc plots show); "
