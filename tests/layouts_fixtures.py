@@ -82,3 +82,20 @@ def make_folder(root: Path, category: str = "bracket", n_train: int = 10) -> Pat
     write_mask(base / "masks" / "dent" / "d1.png")
     write_mask(base / "masks" / "dent" / "d2_mask.png")
     return root
+
+
+def tiny_widget_project(tmp: Path) -> Path:
+    """A tiny demo (64 px, 8 train images) and a params.yaml for 3-iteration widget runs; returns the params file."""
+    import yaml
+
+    from urd.data.demo import DemoSpec, generate_demo
+
+    generate_demo(tmp / "demo", DemoSpec(size=64, train=8, test_good=3, test_per_defect=2))
+    params = {
+        "dataset": {"root": str(tmp / "demo"), "image_size": 64, "val_fraction": 0.25, "min_train_images": 2},
+        "train": {"iterations": 3, "batch_size": 2, "checkpoint_every": 3, "log_every": 1, "num_workers": 0},
+        "synthesis": {"foreground": {"widget": "otsu"}},
+        "evaluate": {"gallery_size": 2},
+    }
+    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    return tmp / "params.yaml"

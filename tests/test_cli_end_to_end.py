@@ -6,11 +6,11 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from typer.testing import CliRunner
 
 from urd.cli import app
-from urd.data.demo import DemoSpec, generate_demo
+
+from .layouts_fixtures import tiny_widget_project
 
 runner = CliRunner()
 
@@ -18,14 +18,7 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
-    generate_demo(tmp / "demo", DemoSpec(size=64, train=8, test_good=3, test_per_defect=2))
-    params = {
-        "dataset": {"root": str(tmp / "demo"), "image_size": 64, "val_fraction": 0.25, "min_train_images": 2},
-        "train": {"iterations": 3, "batch_size": 2, "checkpoint_every": 3, "log_every": 1, "num_workers": 0},
-        "synthesis": {"foreground": {"widget": "otsu"}},
-        "evaluate": {"gallery_size": 2},
-    }
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_widget_project(tmp)
     result = runner.invoke(app, ["train", "--category", "widget", "--params", str(tmp / "params.yaml"), "--out", str(tmp / "model")])
     assert result.exit_code == 0, result.output
     return tmp

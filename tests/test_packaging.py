@@ -12,9 +12,10 @@ from pipeline import tracking
 from pipeline.model_card import CARD_JSON, CARD_MD, build_card, write_model_card
 from urd.cli import app
 from urd.config import parse_params
-from urd.data.demo import DemoSpec, generate_demo
 from urd.data.manifest import build_manifest
 from urd.export import METADATA_FILE, export_bundle
+
+from .layouts_fixtures import tiny_widget_project
 
 runner = CliRunner()
 
@@ -23,14 +24,7 @@ runner = CliRunner()
 def packaged(tmp_path_factory):
     """A tiny trained, calibrated, evaluated and exported widget model."""
     tmp = tmp_path_factory.mktemp("packaging")
-    generate_demo(tmp / "demo", DemoSpec(size=64, train=8, test_good=3, test_per_defect=2))
-    params = {
-        "dataset": {"root": str(tmp / "demo"), "image_size": 64, "val_fraction": 0.25, "min_train_images": 2},
-        "train": {"iterations": 3, "batch_size": 2, "checkpoint_every": 3, "log_every": 1, "num_workers": 0},
-        "synthesis": {"foreground": {"widget": "otsu"}},
-        "evaluate": {"gallery_size": 2},
-    }
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    tiny_widget_project(tmp)
     p, model = str(tmp / "params.yaml"), str(tmp / "model")
     for args in (["train", "--category", "widget", "--out", model], ["calibrate", "--model", model], ["evaluate", "--model", model, "--out", str(tmp / "report")]):
         result = runner.invoke(app, [*args, "--params", p])

@@ -99,11 +99,11 @@ def export_bundle(
 class OnnxBundle:
     """Run an exported bundle with ONNX Runtime: normalised images (N x 3 x S x S) -> (maps, scores)."""
 
-    def __init__(self, bundle_dir: str | Path) -> None:
+    def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None) -> None:
         import onnxruntime
 
         self.dir = Path(bundle_dir)
-        self.metadata = json.loads((self.dir / METADATA_FILE).read_text())
+        self.metadata = metadata if metadata is not None else json.loads((self.dir / METADATA_FILE).read_text())
         self.session = onnxruntime.InferenceSession(str(self.dir / ONNX_FILE), providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -58,17 +58,17 @@ class Predictor:
         self.device = torch.device(device)
         self.bundle: OnnxBundle | None = None
         metadata_file = self.model_dir / METADATA_FILE
-        if metadata_file.is_file() and json.loads(metadata_file.read_text())["files"].get("onnx"):
-            self.bundle = OnnxBundle(self.model_dir)
-            self.meta = self.bundle.metadata
-            self.calibration = self.meta.get("thresholds")
+        metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
+        if metadata is not None and metadata["files"].get("onnx"):
+            self.bundle = OnnxBundle(self.model_dir, metadata)
+            self.meta = metadata
         else:  # a model folder, or a bundle without ONNX (it holds the weights too)
             self.graph, self.meta = load_model(self.model_dir, self.device)
-            if metadata_file.is_file():
-                self.calibration = json.loads(metadata_file.read_text()).get("thresholds")
-            else:
-                calibration = self.model_dir / CALIBRATION_FILE
-                self.calibration = json.loads(calibration.read_text()) if calibration.is_file() else None
+        if metadata is not None:
+            self.calibration = metadata.get("thresholds")
+        else:
+            calibration = self.model_dir / CALIBRATION_FILE
+            self.calibration = json.loads(calibration.read_text()) if calibration.is_file() else None
         self.image_size = int(self.meta["preprocessing"]["image_size"])
 
     @torch.no_grad()
