@@ -19,7 +19,7 @@ from urd.checkpoint import atomic_write_text
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
 METRIC_NAMES = {
-    "image_auroc": "Image AUROC", "image_ap": "Image AP", "image_f1_max": "Image F1-max",
+    "image_auroc": "Image AUROC (95% CI)", "image_ap": "Image AP", "image_f1_max": "Image F1-max",
     "pixel_auroc": "Pixel AUROC", "pixel_ap": "Pixel AP", "pixel_aupro": "AUPRO (FPR <= 0.3)", "pixel_f1_max": "Pixel F1-max",
 }
 
@@ -124,6 +124,13 @@ def _fmt(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else ("-" if value is None else str(value))
 
 
+def _metric(entry: dict[str, Any], key: str) -> str:
+    """One table cell; image AUROC with its 95% bootstrap interval when the report has it."""
+    if key == "image_auroc" and "image_auroc_ci_low" in entry:
+        return f"{_fmt(entry.get(key))} ({entry['image_auroc_ci_low']:.3f}-{entry['image_auroc_ci_high']:.3f})"
+    return _fmt(entry.get(key))
+
+
 def render_markdown(card: dict[str, Any]) -> str:
     d = card["model_details"]
     lines = [f"# Model card: {d['name']}", ""]
@@ -152,9 +159,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     overall = card["metrics"]["overall"]
     keys = [k for k in METRIC_NAMES if k in overall]
     lines += ["## Metrics (test split)", "", "| | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |", "|---" * (len(keys) + 1) + "|",
-              "| overall | " + " | ".join(_fmt(overall[k]) for k in keys) + " |"]
+              "| overall | " + " | ".join(_metric(overall, k) for k in keys) + " |"]
     for defect, entry in card["metrics"]["per_defect_type"].items():
-        lines.append(f"| {defect} | " + " | ".join(_fmt(entry.get(k)) for k in keys) + " |")
+        lines.append(f"| {defect} | " + " | ".join(_metric(entry, k) for k in keys) + " |")
     th = card["thresholds"]
     lines += ["", "## Calibrated thresholds", "", f"- Image threshold {_fmt(th['image_threshold'])}, pixel threshold {_fmt(th['pixel_threshold'])} "
               f"(method: {th['method']}, target false-positive rate {th['target_fpr']}; on val: {_fmt(th['val_false_positive_rate'])})"]

@@ -184,7 +184,7 @@ def summary(params: Params) -> None:
     from . import tracking
 
     table = Table(title=f"urd: {params.dataset.name} (test split)")
-    for column in ("category", "I-AUROC", "P-AUROC", "AUPRO@0.3", "model card (in the bundle)"):
+    for column in ("category", "I-AUROC [95% CI]", "P-AUROC", "AUPRO@0.3", "model card (in the bundle)"):
         table.add_column(column)
     for category in params.dataset.categories:
         out = paths(category)
@@ -192,7 +192,8 @@ def summary(params: Params) -> None:
             table.add_row(category, "-", "-", "-", "(not built: run dvc repro)")
             continue
         m = json.loads(out["metrics"].read_text())
-        table.add_row(category, *(f"{100 * m[k]:.1f}" for k in ("image_auroc", "pixel_auroc", "pixel_aupro")),
+        interval = f" [{100 * m['image_auroc_ci_low']:.0f}-{100 * m['image_auroc_ci_high']:.0f}]" if "image_auroc_ci_low" in m else ""
+        table.add_row(category, f"{100 * m['image_auroc']:.1f}{interval}", *(f"{100 * m[k]:.1f}" for k in ("pixel_auroc", "pixel_aupro")),
                       str(out["bundle"] / "model_card.md"))
     console = Console(width=120)
     console.print(table)

@@ -42,7 +42,11 @@ def test_calibrate_evaluate_predict(trained):
     assert result.exit_code == 0, result.output
     metrics = json.loads((trained / "report" / "metrics.json").read_text())
     assert set(metrics["per_defect_type"]) == {"scratch", "missing_piece", "contamination"}
-    assert 0 <= metrics["overall"]["image_auroc"] <= 1 and "pixel_aupro" in metrics["overall"]
+    overall = metrics["overall"]
+    assert 0 <= overall["image_auroc"] <= 1 and "pixel_aupro" in overall
+    assert overall["image_auroc_ci_low"] <= overall["image_auroc"] <= overall["image_auroc_ci_high"]
+    scratch = metrics["per_defect_type"]["scratch"]
+    assert scratch["image_auroc_ci_low"] <= scratch["image_auroc"] <= scratch["image_auroc_ci_high"]
     confusion = metrics["at_calibrated_threshold"]
     assert confusion["tp"] + confusion["fn"] == 6 and confusion["fp"] + confusion["tn"] == 3
     for name in ("roc.png", "pr.png", "pro.png", "gallery.png", "scores.csv"):

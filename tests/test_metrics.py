@@ -3,7 +3,7 @@ import pytest
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, f1_score, roc_auc_score
 
-from urd.metrics import aupro, image_metrics, integrate_up_to, pixel_metrics, pro_curve
+from urd.metrics import aupro, auroc_interval, image_metrics, integrate_up_to, pixel_metrics, pro_curve, rank_auroc
 
 
 def _random_case(seed, n=4, size=24):
@@ -111,3 +111,29 @@ def test_pixel_metrics_on_a_full_category_fit_in_memory():
     grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert 0.5 < out["pixel_auroc"] <= 1 and 0 < out["pixel_aupro"] <= 1
     assert grown_mb < 2000
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_rank_auroc_matches_sklearn_with_ties_and_batches(seed):
+    rng = np.random.default_rng(seed)
+    labels = rng.random((5, 30)) < 0.4
+    scores = np.round(rng.normal(size=(5, 30)) + labels, 1)  # many ties
+    expected = [roc_auc_score(y, s) for y, s in zip(labels, scores)]
+    np.testing.assert_allclose(rank_auroc(labels, scores), expected, atol=1e-12)
+    assert np.isnan(rank_auroc(np.zeros(4, bool), np.arange(4.0)))
+
+
+def test_auroc_interval_brackets_the_estimate_and_shrinks_with_more_images():
+    rng = np.random.default_rng(0)
+    small_y = np.r_[np.zeros(16), np.ones(24)]
+    small_s = rng.normal(size=40) + small_y
+    low, high = auroc_interval(small_y, small_s)
+    assert low < roc_auc_score(small_y, small_s) < high
+    assert auroc_interval(small_y, small_s) == (low, high)  # seeded
+    big_y = np.r_[np.zeros(160), np.ones(240)]
+    big_s = rng.normal(size=400) + big_y
+    big_low, big_high = auroc_interval(big_y, big_s)
+    assert big_low < roc_auc_score(big_y, big_s) < big_high
+    assert big_high - big_low < 0.6 * (high - low)  # ~1/sqrt(10) of the width
+    assert auroc_interval(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == (1.0, 1.0)
+    assert all(np.isnan(auroc_interval(np.ones(5), np.arange(5.0))))

@@ -59,7 +59,7 @@ class ModelParams(_Section):
         False,
         description="add the authors' release term: flattened cosine distance T(I_a) vs E(I_a) (not in eq. 1-3)",
     )
-    blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the anomaly map, in pixels of the input")
+    blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the anomaly map, in pixels of the input (paper: 4 at 256 px; scale it with image_size)")
 
     @model_validator(mode="after")
     def _expert_needs_synthetic_anomalies(self) -> ModelParams:

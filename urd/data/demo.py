@@ -23,7 +23,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-DEMO_VERSION = 3
+DEMO_VERSION = 4  # 4: test split 48 good + 24 per defect type (was 16 + 8)
 CATEGORIES = {"tiles": ("crack", "stain", "chip"), "widget": ("scratch", "missing_piece", "contamination")}
 
 
@@ -32,8 +32,8 @@ class DemoSpec:
     seed: int = 0
     size: int = 256
     train: int = 120
-    test_good: int = 16
-    test_per_defect: int = 8
+    test_good: int = 48
+    test_per_defect: int = 24
     version: int = DEMO_VERSION
 
 
@@ -235,12 +235,14 @@ def generate_demo(root: str | Path, spec: DemoSpec = DemoSpec(), overwrite: bool
     root = Path(root)
     marker = root / "demo.json"
     if root.exists() and any(root.iterdir()):
-        if marker.is_file() and json.loads(marker.read_text()) == asdict(spec):
+        found = json.loads(marker.read_text()) if marker.is_file() else None
+        if found == asdict(spec):
             return root
         if not overwrite:
+            what = f"a demo written with other settings ({found}; this one is {asdict(spec)})" if found else "data that is not this demo dataset"
             raise FileExistsError(
-                f"{root} already holds data that is not this demo dataset (or a demo with other settings). "
-                "Pass overwrite=True (`urd demo-data --overwrite`) to replace it, or choose another folder."
+                f"{root} already holds {what}. Pass overwrite=True (`urd demo-data --overwrite`) to replace it, "
+                "or choose another folder."
             )
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=root.parent))
