@@ -23,7 +23,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from rich.console import Console
 from rich.table import Table
 
@@ -31,23 +30,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
 
 from urd.checkpoint import load_model  # noqa: E402
-from urd.config import Params, load_params  # noqa: E402
+from urd.config import deep_merge, load_params, parse_params  # noqa: E402
 from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
 from urd.data.torch_data import EvalDataset, eval_loader  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
 from urd.model.anomaly_map import GaussianBlur  # noqa: E402
-from urd.model.losses import cosine_distance_map  # noqa: E402
 from urd.train import train_category  # noqa: E402
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
-
-
-def merged(base: dict, overrides: dict) -> dict:
-    out = dict(base)
-    for key, value in overrides.items():
-        out[key] = merged(out.get(key, {}), value) if isinstance(value, dict) else value
-    return out
 
 
 @torch.no_grad()
@@ -58,9 +49,7 @@ def scale_distances(graph, rows, image_size: int) -> tuple[list[np.ndarray], np.
     masks = []
     for batch in eval_loader(EvalDataset(rows, image_size), 16):
         teacher = graph.teacher(batch["image"])
-        student = graph.student(teacher)
-        for i, (t, s) in enumerate(zip(teacher, student)):
-            d = F.interpolate(cosine_distance_map(t, s)[:, None], size=(image_size, image_size), mode="bilinear", align_corners=True)
+        for i, d in enumerate(graph.anomaly_map.scale_maps(teacher, graph.student(teacher))):
             per_scale[i].append(d[:, 0].numpy())
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
     return [np.concatenate(d) for d in per_scale], np.concatenate(masks)
@@ -90,7 +79,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed))
         for name, overrides in args.variant:
-            params = Params.model_validate(merged(base, json.loads(overrides) | {"dataset": {"root": str(root)}}))
+            raw = deep_merge(deep_merge(base, json.loads(overrides)), {"dataset": {"root": str(root)}})
+            params = parse_params(raw, source=f"variant {name}")
             for category in args.categories or params.dataset.categories:
                 manifest = ingest_category(params, category, progress=False)
                 out = Path(tmp) / name / category

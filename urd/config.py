@@ -159,7 +159,7 @@ class Params(_Section):
                 raise ValueError(f"overrides.{category} may not set 'overrides' or 'dataset.categories'")
             base = self.model_dump(exclude={"overrides"})
             try:
-                Params.model_validate(_deep_merge(base, override))
+                Params.model_validate(deep_merge(base, override))
             except ValidationError as exc:
                 raise ValueError(f"overrides.{category}: {format_validation_error(exc, 'overrides.' + category)}") from None
         return self
@@ -172,15 +172,16 @@ class Params(_Section):
                 f"{self.dataset.categories}. Add it there or pick one of those."
             )
         override = self.overrides.get(category, {})
-        merged = _deep_merge(self.model_dump(exclude={"overrides"}), override)
+        merged = deep_merge(self.model_dump(exclude={"overrides"}), override)
         return Params.model_validate(merged)
 
 
-def _deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, section by section (neither is modified)."""
     out = copy.deepcopy(base)
     for key, value in override.items():
         if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _deep_merge(out[key], value)
+            out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
     return out

@@ -50,13 +50,17 @@ class AnomalyMap(nn.Module):
         self.image_size = image_size
         self.blur = GaussianBlur(sigma)
 
-    def forward(self, teacher: list[Tensor], student: list[Tensor]) -> Tensor:
+    def scale_maps(self, teacher: list[Tensor], student: list[Tensor]) -> list[Tensor]:
+        """Each scale's 1 - cos(F_T, F_S), upsampled to the input: a list of B x 1 x H x W, unblurred."""
         size = (self.image_size, self.image_size)
-        total = torch.zeros(0)  # replaced by the first scale; keeps TorchScript's typing simple
-        for i, (t, s) in enumerate(zip(teacher, student)):
-            distance = cosine_distance_map(t, s).unsqueeze(1)  # B x 1 x h x w
-            upsampled = F.interpolate(distance, size=size, mode="bilinear", align_corners=True)
-            total = upsampled if i == 0 else total + upsampled
+        return [F.interpolate(cosine_distance_map(t, s).unsqueeze(1), size=size, mode="bilinear", align_corners=True)
+                for t, s in zip(teacher, student)]
+
+    def forward(self, teacher: list[Tensor], student: list[Tensor]) -> Tensor:
+        maps = self.scale_maps(teacher, student)
+        total = maps[0]
+        for upsampled in maps[1:]:
+            total = total + upsampled
         return self.blur(total)
 
 
