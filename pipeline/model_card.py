@@ -9,6 +9,7 @@ out-of-scope uses, training data, evaluation data, metrics, thresholds, caveats,
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,7 @@ def registered_name(dataset: str, category: str) -> str:
     return f"urd-{dataset}-{category}"
 
 
-def _caveats(metadata: dict[str, Any], counts: dict[str, Any]) -> list[str]:
+def _caveats(metadata: dict[str, Any], counts: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
     caveats = []
     if metadata.get("weights_source") == "none":
         caveats.append(
@@ -43,6 +44,14 @@ def _caveats(metadata: dict[str, Any], counts: dict[str, Any]) -> list[str]:
         caveats.append(f"Small test set ({test['good']} good, {test['defect']} defective images): metrics have wide confidence intervals.")
     if counts["val"] < 20:
         caveats.append(f"Thresholds come from only {counts['val']} held-out normal images; the false-positive rate on the line may differ from the target.")
+    target, val_images = thresholds.get("target_fpr"), thresholds.get("val_images")
+    if thresholds.get("method") == "val_quantile" and target and val_images and target < 1 / val_images:
+        caveats.append(
+            f"The image threshold targets a false-positive rate of {target:g}, but {val_images} held-out normal images only "
+            f"resolve rates in steps of 1/{val_images} = {1 / val_images:.3f}: the threshold is the highest val score, and "
+            f"normal parts may be flagged at several times the target. Hold out at least {math.ceil(1 / target)} normal "
+            "images (more training images or a larger dataset.val_fraction), or calibrate with labelled defects."
+        )
     image_auroc = (metadata.get("metrics") or {}).get("overall", {}).get("image_auroc")
     if image_auroc is not None and image_auroc < 0.9:
         caveats.append(f"Image AUROC on the test split is {image_auroc:.3f} (< 0.90): expect missed defects and false alarms.")
@@ -108,7 +117,7 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
             "test_at_pixel_threshold": metrics.get("at_calibrated_pixel_threshold"),
             "normalisation": "normalised score = clip((score - image_threshold) / (image_max - image_min) + 0.5, 0, 1); decision: normalised score >= 0.5",
         },
-        "caveats": _caveats(metadata, counts),
+        "caveats": _caveats(metadata, counts, thresholds),
         "how_to_use": {
             "predict": "urd predict <images or folder> --model <this bundle folder> --out predictions/",
             "serve": f"mlflow models serve -m models:/{name}@candidate --env-manager local -h 127.0.0.1 -p 5001",

@@ -9,7 +9,7 @@ import yaml
 from typer.testing import CliRunner
 
 from pipeline import tracking
-from pipeline.model_card import CARD_JSON, CARD_MD, build_card, write_model_card
+from pipeline.model_card import CARD_JSON, CARD_MD, _caveats, build_card, write_model_card
 from urd.cli import app
 from urd.config import parse_params
 from urd.data.manifest import build_manifest
@@ -77,6 +77,8 @@ def test_model_card_sections_counts_and_warning(packaged):
     at = card["thresholds"]["test_at_image_threshold"]
     assert at == metrics["at_calibrated_threshold"] and card["thresholds"]["test_at_pixel_threshold"]["recall"] >= 0
     assert card["caveats"][0].startswith("WARNING") and "RANDOMLY INITIALISED" in card["caveats"][0]
+    n_val = card["training_data"]["val_images"]
+    assert any(f"steps of 1/{n_val} = " in c and "Hold out at least 100 normal images" in c for c in card["caveats"])  # target 0.01
     text = card_md.read_text()
     for heading in ("## Model details", "## Intended use", "## Out-of-scope uses", "## Training data", "## Evaluation data",
                     "## Metrics (test split)", "## Calibrated thresholds", "## Caveats", "## How to use"):
@@ -243,3 +245,11 @@ def test_mlflow_models_serve_gives_the_predict_scores_and_4xx_on_bad_requests(pa
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def test_threshold_resolution_caveat_only_when_the_val_split_cannot_resolve_the_target():
+    counts = {"test": {"good": 50, "defect": 50}, "val": 40}
+    def caveats(target, method="val_quantile"):
+        return [c for c in _caveats({}, counts, {"method": method, "target_fpr": target, "val_images": 40}) if "resolve rates" in c]
+    assert len(caveats(0.01)) == 1 and "1/40 = 0.025" in caveats(0.01)[0]
+    assert caveats(0.05) == [] and caveats(0.01, method="f1_calibration_set") == []

@@ -63,7 +63,7 @@ def test_calibration_quantile_and_normalisation():
     val_scores = rng.random(200)
     val_maps = rng.random((200, 4, 4))
     c = calibrate(CalibrateParams(target_fpr=0.05, pixel_target_fpr=0.01), val_scores, val_maps)
-    assert c["method"] == "val_quantile"
+    assert c["method"] == "val_quantile" and c["image_fpr_resolution"] == pytest.approx(1 / len(val_scores))
     assert 0.03 <= (val_scores >= c["image_threshold"]).mean() <= 0.05
     assert normalize_scores(c["image_threshold"], c["image_threshold"], c["image_min"], c["image_max"]) == pytest.approx(0.5)
     assert normalize_scores(np.array([-5.0, 99.0]), c["image_threshold"], c["image_min"], c["image_max"]).tolist() == [0.0, 1.0]

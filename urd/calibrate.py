@@ -6,6 +6,10 @@
 * With a labelled calibration set (defect images the user provides, never test images): the
   F1-optimal thresholds on val normals + those defects.
 
+With ``n`` val images the image threshold can only resolve false-positive rates in steps of 1/n:
+a target below 1/n makes the threshold the val maximum, and the rate on new normal parts is then
+only known to be around 1/n or below (``image_fpr_resolution``; the model card says so).
+
 Scores are normalised as ``clip((s - threshold) / (max - min) + 0.5, 0, 1)`` with min/max of the
 calibration scores, so the threshold maps to exactly 0.5 and every score to [0, 1].
 """
@@ -65,6 +69,7 @@ def calibrate(
         "pixel_min": float(all_maps.min()),
         "pixel_max": float(max(all_maps.max(), pixel_threshold)),
         "val_images": int(len(val_scores)),
+        "image_fpr_resolution": 1.0 / len(val_scores),
         "calibration_anomalies": 0 if anomaly_scores is None else int(len(anomaly_scores)),
         "val_false_positive_rate": float((val_scores >= image_threshold).mean()),
     }
