@@ -125,3 +125,19 @@ def test_unreadable_image_is_named(tmp_path):
     bad.write_bytes(b"\x89PNG broken")
     with pytest.raises(ImageReadError, match="bad.png"):
         read_image(bad)
+
+
+def test_a_demo_from_an_older_generator_is_refused_not_silently_used(tmp_path):
+    import json
+
+    from urd.config import Params
+    from urd.data.demo import DEMO_VERSION
+    from urd.data.manifest import ingest_category
+
+    root = generate_demo(tmp_path / "demo", DemoSpec(train=2, test_good=1, test_per_defect=1, size=64))
+    params = Params(dataset={"name": "demo", "root": str(root), "categories": ["tiles"]})
+    assert len(ingest_category(params, "tiles", progress=False)) == 6  # current version: used as it is
+    spec = json.loads((root / "demo.json").read_text())
+    (root / "demo.json").write_text(json.dumps(spec | {"version": DEMO_VERSION - 1}))
+    with pytest.raises(ValueError, match=f"version {DEMO_VERSION - 1}.*--overwrite"):
+        ingest_category(params, "tiles", progress=False)

@@ -9,6 +9,7 @@ cannot (decoding, mask geometry); nothing here decides whether the data is good.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -81,11 +82,21 @@ def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:
 
 def ingest_category(params, category: str, progress: bool = True) -> pd.DataFrame:
     """The manifest of one category from params (``urd.config.Params``); the demo dataset is
-    generated first when ``dataset.name`` is ``demo`` and its folder does not exist yet."""
+    generated first when ``dataset.name`` is ``demo`` and its folder does not exist yet. A demo
+    written by an older version of the generator is an error, not silently used: its images and
+    splits differ from the ones the documented numbers were measured on."""
     p = params.for_category(category)
     root = Path(p.dataset.root)
-    if p.dataset.name == "demo" and not root.exists():
-        from .demo import DemoSpec, generate_demo
+    if p.dataset.name == "demo":
+        from .demo import DEMO_VERSION, DemoSpec, generate_demo
 
-        generate_demo(root, DemoSpec(seed=p.seed))
+        if not root.exists():
+            generate_demo(root, DemoSpec(seed=p.seed))
+        marker = root / "demo.json"
+        found = json.loads(marker.read_text()).get("version") if marker.is_file() else None
+        if found is not None and found != DEMO_VERSION:
+            raise ValueError(
+                f"{root} holds demo dataset version {found}, but this urd generates version {DEMO_VERSION} (other images "
+                f"or splits). Regenerate it with `urd demo-data --root {root} --overwrite`, or point dataset.root elsewhere."
+            )
     return build_manifest(p.dataset.name, root, category, p.dataset.val_fraction, progress)
