@@ -10,7 +10,7 @@ from urd.checkpoint import load_model
 from urd.config import CalibrateParams, parse_params
 from urd.data.demo import DemoSpec, generate_demo
 from urd.data.manifest import build_manifest
-from urd.train import train_category
+from urd.train import score_images, train_category
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,14 @@ def tiny(tmp_path_factory):
 
 def test_resumed_run_ends_bit_identical_to_uninterrupted(tiny, tmp_path):
     params, manifest = tiny
-    full = train_category(params, "widget", manifest, tmp_path / "full", progress=False)
+    seen = []
+
+    def look(iteration, model):  # a study hook that runs the model must not change the run
+        score_images(model.inference_graph(), manifest[manifest.split == "val"], 64, torch.device("cpu"))
+        seen.append(iteration)
+
+    full = train_category(params, "widget", manifest, tmp_path / "full", progress=False, on_checkpoint=look)
+    assert seen == [2, 4]
     partial = train_category(params, "widget", manifest, tmp_path / "resumed", progress=False, stop_after=2)
     assert partial["interrupted"] and not (tmp_path / "resumed" / "model.safetensors").exists()
     with pytest.raises(FileExistsError, match="--resume"):

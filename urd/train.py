@@ -163,10 +163,14 @@ def train_category(
     progress: bool = True,
     stop_after: int | None = None,
     on_log: Callable[[int, dict[str, float]], None] | None = None,
+    on_checkpoint: Callable[[int, URD], None] | None = None,
 ) -> dict[str, Any]:
     """Train one category; writes ``out_dir``/model.safetensors + model.json, checkpoints and the
     training history. ``stop_after`` ends the run early after that many iterations (as an
-    interruption would), leaving the checkpoint to resume from. Returns the training summary."""
+    interruption would), leaving the checkpoint to resume from. ``on_log(iteration, losses)`` is
+    called every ``log_every`` iterations, ``on_checkpoint(iteration, model)`` at every checkpoint
+    (for studies of the model along a run; it must leave the model's weights alone).
+    Returns the training summary."""
     p = params.for_category(category)
     tp = p.train
     out_dir = Path(out_dir)
@@ -249,6 +253,8 @@ def train_category(
             if on_log is not None:
                 on_log(done, losses)
         if done % tp.checkpoint_every == 0 or done == tp.iterations:
+            if on_checkpoint is not None:
+                on_checkpoint(done, model)
             if tp.selection == "val_score" and len(val_rows):
                 _, val_scores, _ = score_images(model.inference_graph(), val_rows, size, device, tp.batch_size, autocast)
                 val_history.append({"iteration": done, "val_mean_score": float(val_scores.mean())})
