@@ -225,6 +225,23 @@ def _generate_into(root: Path, spec: DemoSpec) -> None:
     (root / "demo.json").write_text(json.dumps(asdict(spec), indent=2) + "\n")
 
 
+def recorded_spec(root: str | Path) -> dict | None:
+    """The spec a demo folder was written with (its ``demo.json``), or None when it has none."""
+    marker = Path(root) / "demo.json"
+    return json.loads(marker.read_text()) if marker.is_file() else None
+
+
+def require_current_version(root: str | Path) -> None:
+    """Refuse a demo written by another generator version: its images and splits differ from the
+    ones the documented numbers were measured on. A folder without ``demo.json`` is not checked."""
+    found = (recorded_spec(root) or {}).get("version")
+    if found is not None and found != DEMO_VERSION:
+        raise ValueError(
+            f"{root} holds demo dataset version {found}, but this urd generates version {DEMO_VERSION} (other images "
+            f"or splits). Regenerate it with `urd demo-data --root {root} --overwrite`, or point dataset.root elsewhere."
+        )
+
+
 def generate_demo(root: str | Path, spec: DemoSpec = DemoSpec(), overwrite: bool = False) -> Path:
     """Write the demo dataset to ``root`` (MVTec AD layout) and return it.
 
@@ -233,9 +250,8 @@ def generate_demo(root: str | Path, spec: DemoSpec = DemoSpec(), overwrite: bool
     moved into place, so an interrupted run leaves no partial dataset.
     """
     root = Path(root)
-    marker = root / "demo.json"
     if root.exists() and any(root.iterdir()):
-        found = json.loads(marker.read_text()) if marker.is_file() else None
+        found = recorded_spec(root)
         if found == asdict(spec):
             return root
         if not overwrite:

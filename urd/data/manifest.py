@@ -9,7 +9,6 @@ cannot (decoding, mask geometry); nothing here decides whether the data is good.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import numpy as np
@@ -88,15 +87,9 @@ def ingest_category(params, category: str, progress: bool = True) -> pd.DataFram
     p = params.for_category(category)
     root = Path(p.dataset.root)
     if p.dataset.name == "demo":
-        from .demo import DEMO_VERSION, DemoSpec, generate_demo
+        from .demo import DemoSpec, generate_demo, require_current_version
 
         if not root.exists():
             generate_demo(root, DemoSpec(seed=p.seed))
-        marker = root / "demo.json"
-        found = json.loads(marker.read_text()).get("version") if marker.is_file() else None
-        if found is not None and found != DEMO_VERSION:
-            raise ValueError(
-                f"{root} holds demo dataset version {found}, but this urd generates version {DEMO_VERSION} (other images "
-                f"or splits). Regenerate it with `urd demo-data --root {root} --overwrite`, or point dataset.root elsewhere."
-            )
+        require_current_version(root)
     return build_manifest(p.dataset.name, root, category, p.dataset.val_fraction, progress)
