@@ -1,7 +1,7 @@
 """Settings studies on a *development* demo: the demo generator with another seed, never the test split.
 
     python bench/dev_study.py --variant base '{}' --variant it900 '{"train": {"iterations": 900}}' \
-        [--categories tiles widget] [--seed 1] [--sigmas 4 1.5 0] [--name NAME]
+        [--categories tiles widget] [--seed 1] [--train-images 120] [--sigmas 4 1.5 0] [--name NAME]
 
 The embedded default's test split (seed 0) is for reporting only. To choose demo settings without
 looking at it, this script generates the same demo with another seed (new images, new defects, same
@@ -69,6 +69,7 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--categories", nargs="*", default=None)
     parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
+    parser.add_argument("--train-images", type=int, default=DemoSpec.train, help="good train images per category in the development demo (the test split stays the same images)")
     parser.add_argument("--sigmas", nargs="*", type=float, default=[])
     parser.add_argument("--name", default="cpu")
     args = parser.parse_args()
@@ -77,7 +78,7 @@ def main() -> None:
     base = load_params(args.params).model_dump()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed))
+        root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed, train=args.train_images))
         for name, overrides in args.variant:
             raw = deep_merge(deep_merge(base, json.loads(overrides)), {"dataset": {"root": str(root)}})
             params = parse_params(raw, source=f"variant {name}")
@@ -106,7 +107,7 @@ def main() -> None:
 
     defects = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/image_auroc")})
     columns = ["I-AUROC", "P-AUROC", "AUPRO"] + [f"{d} I/P" for d in defects]
-    table = Table(title=f"Development demo (seed {args.seed}); params {args.params} + overrides")
+    table = Table(title=f"Development demo (seed {args.seed}, {args.train_images} train images); params {args.params} + overrides")
     for col in ("variant", "category", "map", *columns):
         table.add_column(col, justify="right")
     lines = ["| variant | category | map | " + " | ".join(columns) + " |", "|---" * (3 + len(columns)) + "|"]
@@ -117,7 +118,7 @@ def main() -> None:
         lines.append(f"| {r['variant']} | {r['category']} | {r['map']} | " + " | ".join(cells) + " |")
     Console(width=160).print(table)
     out = Path(__file__).resolve().parent / "results"
-    record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "variants": dict(args.variant), "rows": rows}
+    record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "train_images": args.train_images, "variants": dict(args.variant), "rows": rows}
     (out / f"dev_study_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"dev_study_{args.name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / f'dev_study_{args.name}.json'}")
