@@ -1,0 +1,143 @@
+"""How much of each defect the *random-init* backbone's features can see, with no student at all.
+
+    python bench/feature_knn.py [--seed 1] [--categories tiles widget] [--image-size 96] [--name cpu]
+
+A diagnostic for the demo quality bar, on a development demo (another seed; never the embedded
+default's test split). It builds the backbone exactly as training does for ``weights: none``
+(random weights from ``params.seed``, BatchNorm statistics from up to 64 train images), takes its
+three feature maps for every train and test image, and scores each test location by the distance of
+its L2-normalised feature to the nearest train feature at the same scale (a PatchCore-style memory
+bank over all train locations). That is a strong upper reference for "is the defect different in
+feature space": if a defect type stays near chance here, no decoder trained to reconstruct these
+features (RD, URD) can be expected to find it either.
+
+Maps are upsampled to the input size like the URD anomaly map (bilinear, align_corners), blurred
+with the demo sigma (scaled with the input size), summed over scales after dividing each by its
+median on the val normals; the
+image score is the map's maximum. Writes bench/results/feature_knn_<name>.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402
+
+from urd.config import deep_merge, load_params, parse_params  # noqa: E402
+from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
+from urd.data.manifest import ingest_category  # noqa: E402
+from urd.data.torch_data import EvalDataset, TrainDataset, eval_loader, normalize  # noqa: E402
+from urd.evaluate import compute_metrics  # noqa: E402
+from urd.model.anomaly_map import GaussianBlur  # noqa: E402
+from urd.model.backbone import build_encoder, estimate_batchnorm_statistics  # noqa: E402
+
+METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
+
+
+@torch.no_grad()
+def features(encoder, images: torch.Tensor) -> list[torch.Tensor]:
+    """Normalised images N x 3 x S x S -> per scale N x h x w x C, L2-normalised over C."""
+    out: list[list[torch.Tensor]] = [[], [], []]
+    for batch in images.split(16):
+        for i, f in enumerate(encoder(batch)):
+            out[i].append(F.normalize(f, dim=1).permute(0, 2, 3, 1))
+    return [torch.cat(o) for o in out]
+
+
+@torch.no_grad()
+def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Euclidean distance of each query row to its nearest bank row."""
+    return torch.cat([torch.cdist(q, bank).min(1).values for q in queries.split(chunk)])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--categories", nargs="*", default=None)
+    parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
+    parser.add_argument("--image-size", type=int, default=None, help="input size (default: params); blur sigma scales with it")
+    parser.add_argument("--name", default="cpu")
+    args = parser.parse_args()
+    if args.seed == 0:
+        parser.error("seed 0 is the embedded default whose test split is for reporting; pick another seed")
+    base = load_params(args.params).model_dump()
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed))
+        size = args.image_size or base["dataset"]["image_size"]
+        sigma = base["model"]["blur_sigma"] * size / base["dataset"]["image_size"]
+        overrides = {"dataset": {"root": str(root), "image_size": size}, "model": {"blur_sigma": sigma}}
+        params = parse_params(deep_merge(base, overrides), source=args.params)
+        for category in args.categories or params.dataset.categories:
+            start = time.perf_counter()
+            manifest = ingest_category(params, category, progress=False)
+            train_paths = manifest.loc[manifest["split"] == "train", "path"].tolist()
+            dataset = TrainDataset(train_paths, size)
+            train_images = normalize(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
+            torch.manual_seed(params.seed)  # the same random weights training starts from
+            encoder = build_encoder(params.model.backbone, "none").eval()
+            estimate_batchnorm_statistics(encoder, train_images[:64].split(params.train.batch_size))
+
+            val = manifest[manifest["split"] == "val"].reset_index(drop=True)
+            val_images = torch.cat([b["image"] for b in eval_loader(EvalDataset(val, size), 16)])
+            test = manifest[manifest["split"] == "test"].reset_index(drop=True)
+            items = [b for b in eval_loader(EvalDataset(test, size), 16)]
+            test_images = torch.cat([b["image"] for b in items])
+            masks = torch.cat([b["mask"] for b in items])[:, 0].numpy() > 0.5
+            labels, types = test["label"].to_numpy().astype(bool), test["defect_type"].to_numpy()
+
+            bank, query, held_out = features(encoder, train_images), features(encoder, test_images), features(encoder, val_images)
+            blur = GaussianBlur(params.model.blur_sigma)
+            scale_maps = []
+            for b, q, v in zip(bank, query, held_out):
+                n, h, w, c = q.shape
+                d = nearest_distance(q.reshape(-1, c), b.reshape(-1, c)).reshape(n, 1, h, w)
+                # a train location's own nearest distance is 0 (it is in the bank): each scale is
+                # divided by the median distance of the held-out val normals instead.
+                d = d / nearest_distance(v.reshape(-1, c), b.reshape(-1, c)).median()
+                scale_maps.append(F.interpolate(d, size=(size, size), mode="bilinear", align_corners=True))
+            variants = {f"scale {i + 1} only": m for i, m in enumerate(scale_maps)} | {"sum of scales": sum(scale_maps)}
+            for name, amap in variants.items():
+                maps = blur(amap)[:, 0].numpy()
+                metrics = compute_metrics(labels, maps.reshape(len(maps), -1).max(1), maps, masks, types)
+                row = {"category": category, "map": name} | {k: metrics["overall"][k] for k in METRICS}
+                for defect, entry in metrics["per_defect_type"].items():
+                    row[f"{defect}/image_auroc"] = entry["image_auroc"]
+                    row[f"{defect}/pixel_auroc"] = entry["pixel_auroc"]
+                row["seconds"] = time.perf_counter() - start
+                rows.append(row)
+                print(json.dumps(row))
+
+    defects = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/image_auroc")})
+    columns = ["I-AUROC", "P-AUROC", "AUPRO"] + [f"{d} I/P" for d in defects]
+    table = Table(title=f"Random-init {base['model']['backbone']} features at {size} px, nearest train patch (development demo seed {args.seed})")
+    for col in ("category", "map", *columns):
+        table.add_column(col, justify="right")
+    lines = ["| category | map | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"]
+    for r in rows:
+        cells = [f"{100 * r[k]:.1f}" for k in METRICS]
+        cells += [f"{100 * r[f'{d}/image_auroc']:.0f}/{100 * r[f'{d}/pixel_auroc']:.0f}" if f"{d}/image_auroc" in r else "" for d in defects]
+        table.add_row(r["category"], r["map"], *cells)
+        lines.append(f"| {r['category']} | {r['map']} | " + " | ".join(cells) + " |")
+    Console(width=160).print(table)
+    out = Path(__file__).resolve().parent / "results"
+    record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "image_size": size, "rows": rows}
+    (out / f"feature_knn_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"feature_knn_{args.name}.md").write_text("\n".join(lines) + "\n")
+    print(f"wrote {out / f'feature_knn_{args.name}.json'}")
+
+
+if __name__ == "__main__":
+    main()
