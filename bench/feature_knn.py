@@ -1,6 +1,6 @@
 """How much of each defect the *random-init* backbone's features can see, with no student at all.
 
-    python bench/feature_knn.py [--seed 1] [--categories tiles widget] [--image-size 96] [--name cpu]
+    python bench/feature_knn.py [--seed 1] [--categories tiles widget] [--image-size 96] [--raw-features] [--name cpu]
 
 A diagnostic for the demo quality bar, on a development demo (another seed; never the embedded
 default's test split). It builds the backbone exactly as training does for ``weights: none``
@@ -47,12 +47,12 @@ METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
 @torch.no_grad()
-def features(encoder, images: torch.Tensor) -> list[torch.Tensor]:
-    """Normalised images N x 3 x S x S -> per scale N x h x w x C, L2-normalised over C."""
+def features(encoder, images: torch.Tensor, unit_length: bool = True) -> list[torch.Tensor]:
+    """Normalised images N x 3 x S x S -> per scale N x h x w x C (L2-normalised over C by default)."""
     out: list[list[torch.Tensor]] = [[], [], []]
     for batch in images.split(16):
         for i, f in enumerate(encoder(batch)):
-            out[i].append(F.normalize(f, dim=1).permute(0, 2, 3, 1))
+            out[i].append((F.normalize(f, dim=1) if unit_length else f).permute(0, 2, 3, 1))
     return [torch.cat(o) for o in out]
 
 
@@ -68,6 +68,7 @@ def main() -> None:
     parser.add_argument("--categories", nargs="*", default=None)
     parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: params); blur sigma scales with it")
+    parser.add_argument("--raw-features", action="store_true", help="Euclidean distance of the features as they are, not L2-normalised (which the cosine of RD/URD implies)")
     parser.add_argument("--name", default="cpu")
     args = parser.parse_args()
     if args.seed == 0:
@@ -98,7 +99,8 @@ def main() -> None:
             masks = torch.cat([b["mask"] for b in items])[:, 0].numpy() > 0.5
             labels, types = test["label"].to_numpy().astype(bool), test["defect_type"].to_numpy()
 
-            bank, query, held_out = features(encoder, train_images), features(encoder, test_images), features(encoder, val_images)
+            unit = not args.raw_features
+            bank, query, held_out = (features(encoder, x, unit) for x in (train_images, test_images, val_images))
             blur = GaussianBlur(params.model.blur_sigma)
             scale_maps = []
             for b, q, v in zip(bank, query, held_out):
@@ -122,7 +124,7 @@ def main() -> None:
 
     defects = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/image_auroc")})
     columns = ["I-AUROC", "P-AUROC", "AUPRO"] + [f"{d} I/P" for d in defects]
-    table = Table(title=f"Random-init {base['model']['backbone']} features at {size} px, nearest train patch (development demo seed {args.seed})")
+    table = Table(title=f"Random-init {base['model']['backbone']} features at {size} px{' (raw, not unit length)' if args.raw_features else ''}, nearest train patch (development demo seed {args.seed})")
     for col in ("category", "map", *columns):
         table.add_column(col, justify="right")
     lines = ["| category | map | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"]
@@ -133,7 +135,7 @@ def main() -> None:
         lines.append(f"| {r['category']} | {r['map']} | " + " | ".join(cells) + " |")
     Console(width=160).print(table)
     out = Path(__file__).resolve().parent / "results"
-    record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "image_size": size, "rows": rows}
+    record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "image_size": size, "unit_length_features": not args.raw_features, "rows": rows}
     (out / f"feature_knn_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"feature_knn_{args.name}.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / f'feature_knn_{args.name}.json'}")
