@@ -23,11 +23,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+import _dev_demo as dev_demo  # noqa: E402
 
 from urd.checkpoint import load_model  # noqa: E402
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
@@ -37,8 +35,6 @@ from urd.data.torch_data import EvalDataset, eval_loader  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
 from urd.model.anomaly_map import GaussianBlur  # noqa: E402
 from urd.train import train_category  # noqa: E402
-
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
 
 
 @torch.no_grad()
@@ -55,26 +51,13 @@ def scale_distances(graph, rows, image_size: int) -> tuple[list[np.ndarray], np.
     return [np.concatenate(d) for d in per_scale], np.concatenate(masks)
 
 
-def summarize(metrics: dict) -> dict:
-    row = {k: metrics["overall"].get(k, float("nan")) for k in METRICS}
-    for defect, entry in metrics["per_defect_type"].items():
-        row[f"{defect}/image_auroc"] = entry["image_auroc"]
-        row[f"{defect}/pixel_auroc"] = entry.get("pixel_auroc", float("nan"))
-    return row
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variant", nargs=2, action="append", metavar=("NAME", "JSON"), required=True)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--categories", nargs="*", default=None)
-    parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
+    dev_demo.add_arguments(parser)
     parser.add_argument("--train-images", type=int, default=DemoSpec.train, help="good train images per category in the development demo (the test split stays the same images)")
     parser.add_argument("--sigmas", nargs="*", type=float, default=[])
-    parser.add_argument("--name", default="cpu")
-    args = parser.parse_args()
-    if args.seed == 0:
-        parser.error("seed 0 is the embedded default whose test split is for reporting; pick another seed")
+    args = dev_demo.parse_args(parser)
     base = load_params(args.params).model_dump()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -87,7 +70,7 @@ def main() -> None:
                 out = Path(tmp) / name / category
                 torch.manual_seed(params.seed)
                 summary = train_category(params, category, manifest, out, progress=True)
-                graph, meta = load_model(out)
+                graph, _ = load_model(out)
                 size = params.dataset.image_size
                 test = manifest[manifest["split"] == "test"].reset_index(drop=True)
                 labels, types = test["label"].to_numpy().astype(bool), test["defect_type"].to_numpy()
@@ -99,29 +82,15 @@ def main() -> None:
                     with torch.no_grad():
                         maps = GaussianBlur(sigma)(total)[:, 0].numpy()
                     metrics = compute_metrics(labels, maps.reshape(len(maps), -1).max(1), maps, masks, types)
-                    rows.append(common | {"map": f"sigma {sigma:g}"} | summarize(metrics))
+                    rows.append(common | {"map": f"sigma {sigma:g}"} | dev_demo.summarize(metrics))
                     print(json.dumps(rows[-1]))
                 for i, d in enumerate(per_scale):
                     metrics = compute_metrics(labels, d.reshape(len(d), -1).max(1), d, masks, types)
-                    rows.append(common | {"map": f"scale {i + 1} only"} | summarize(metrics))
+                    rows.append(common | {"map": f"scale {i + 1} only"} | dev_demo.summarize(metrics))
 
-    defects = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/image_auroc")})
-    columns = ["I-AUROC", "P-AUROC", "AUPRO"] + [f"{d} I/P" for d in defects]
-    table = Table(title=f"Development demo (seed {args.seed}, {args.train_images} train images); params {args.params} + overrides")
-    for col in ("variant", "category", "map", *columns):
-        table.add_column(col, justify="right")
-    lines = ["| variant | category | map | " + " | ".join(columns) + " |", "|---" * (3 + len(columns)) + "|"]
-    for r in rows:
-        cells = [f"{100 * r[k]:.1f}" for k in METRICS]
-        cells += [f"{100 * r[f'{d}/image_auroc']:.0f}/{100 * r[f'{d}/pixel_auroc']:.0f}" if f"{d}/image_auroc" in r else "" for d in defects]
-        table.add_row(r["variant"], r["category"], r["map"], *cells)
-        lines.append(f"| {r['variant']} | {r['category']} | {r['map']} | " + " | ".join(cells) + " |")
-    Console(width=160).print(table)
-    out = Path(__file__).resolve().parent / "results"
-    record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "train_images": args.train_images, "variants": dict(args.variant), "rows": rows}
-    (out / f"dev_study_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"dev_study_{args.name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / f'dev_study_{args.name}.json'}")
+    title = f"Development demo (seed {args.seed}, {args.train_images} train images); params {args.params} + overrides"
+    record = {"params": args.params, "dev_seed": args.seed, "train_images": args.train_images, "variants": dict(args.variant)}
+    dev_demo.write_results(rows, ("variant", "category", "map"), title, f"dev_study_{args.name}", record)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from rich.table import Table
 from scipy.stats import spearmanr
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _dev_demo as dev_demo  # noqa: E402
 from _machine import machine  # noqa: E402
 
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
@@ -63,15 +64,10 @@ def synthetic_val(params, category: str, val_paths: list[str]) -> tuple[torch.Te
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--categories", nargs="*", default=None)
+    dev_demo.add_arguments(parser)
     parser.add_argument("--iterations", type=int, default=600)
     parser.add_argument("--every", type=int, default=50)
-    parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
-    parser.add_argument("--name", default="cpu")
-    args = parser.parse_args()
-    if args.seed == 0:
-        parser.error("seed 0 is the embedded default whose test split is for reporting; pick another seed")
+    args = dev_demo.parse_args(parser)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed))

@@ -29,22 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+import _dev_demo as dev_demo  # noqa: E402
 
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
 from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
-from urd.data.torch_data import EvalDataset, TrainDataset, eval_loader, normalize  # noqa: E402
+from urd.data.torch_data import EvalDataset, eval_loader, image_tensor, normalize  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
 from urd.model.anomaly_map import GaussianBlur  # noqa: E402
 from urd.model.backbone import build_encoder, estimate_batchnorm_statistics  # noqa: E402
-
-METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
-
 
 @torch.no_grad()
 def features(encoder, images: torch.Tensor, unit_length: bool = True) -> list[torch.Tensor]:
@@ -64,15 +59,10 @@ def nearest_distance(queries: torch.Tensor, bank: torch.Tensor, chunk: int = 409
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--categories", nargs="*", default=None)
-    parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
+    dev_demo.add_arguments(parser)
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: params); blur sigma scales with it")
     parser.add_argument("--raw-features", action="store_true", help="Euclidean distance of the features as they are, not L2-normalised (which the cosine of RD/URD implies)")
-    parser.add_argument("--name", default="cpu")
-    args = parser.parse_args()
-    if args.seed == 0:
-        parser.error("seed 0 is the embedded default whose test split is for reporting; pick another seed")
+    args = dev_demo.parse_args(parser)
     base = load_params(args.params).model_dump()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -85,8 +75,7 @@ def main() -> None:
             start = time.perf_counter()
             manifest = ingest_category(params, category, progress=False)
             train_paths = manifest.loc[manifest["split"] == "train", "path"].tolist()
-            dataset = TrainDataset(train_paths, size)
-            train_images = normalize(torch.stack([dataset[i]["image"] for i in range(len(dataset))]))
+            train_images = normalize(torch.stack([image_tensor(path, size) for path in train_paths]))
             torch.manual_seed(params.seed)  # the same random weights training starts from
             encoder = build_encoder(params.model.backbone, "none").eval()
             estimate_batchnorm_statistics(encoder, train_images[:64].split(params.train.batch_size))
@@ -94,7 +83,7 @@ def main() -> None:
             val = manifest[manifest["split"] == "val"].reset_index(drop=True)
             val_images = torch.cat([b["image"] for b in eval_loader(EvalDataset(val, size), 16)])
             test = manifest[manifest["split"] == "test"].reset_index(drop=True)
-            items = [b for b in eval_loader(EvalDataset(test, size), 16)]
+            items = list(eval_loader(EvalDataset(test, size), 16))
             test_images = torch.cat([b["image"] for b in items])
             masks = torch.cat([b["mask"] for b in items])[:, 0].numpy() > 0.5
             labels, types = test["label"].to_numpy().astype(bool), test["defect_type"].to_numpy()
@@ -114,32 +103,14 @@ def main() -> None:
             for name, amap in variants.items():
                 maps = blur(amap)[:, 0].numpy()
                 metrics = compute_metrics(labels, maps.reshape(len(maps), -1).max(1), maps, masks, types)
-                row = {"category": category, "map": name} | {k: metrics["overall"][k] for k in METRICS}
-                for defect, entry in metrics["per_defect_type"].items():
-                    row[f"{defect}/image_auroc"] = entry["image_auroc"]
-                    row[f"{defect}/pixel_auroc"] = entry["pixel_auroc"]
-                row["seconds"] = time.perf_counter() - start
+                row = {"category": category, "map": name} | dev_demo.summarize(metrics) | {"seconds": time.perf_counter() - start}
                 rows.append(row)
                 print(json.dumps(row))
 
-    defects = sorted({k.split("/")[0] for r in rows for k in r if k.endswith("/image_auroc")})
-    columns = ["I-AUROC", "P-AUROC", "AUPRO"] + [f"{d} I/P" for d in defects]
-    table = Table(title=f"Random-init {base['model']['backbone']} features at {size} px{' (raw, not unit length)' if args.raw_features else ''}, nearest train patch (development demo seed {args.seed})")
-    for col in ("category", "map", *columns):
-        table.add_column(col, justify="right")
-    lines = ["| category | map | " + " | ".join(columns) + " |", "|---" * (2 + len(columns)) + "|"]
-    for r in rows:
-        cells = [f"{100 * r[k]:.1f}" for k in METRICS]
-        cells += [f"{100 * r[f'{d}/image_auroc']:.0f}/{100 * r[f'{d}/pixel_auroc']:.0f}" if f"{d}/image_auroc" in r else "" for d in defects]
-        table.add_row(r["category"], r["map"], *cells)
-        lines.append(f"| {r['category']} | {r['map']} | " + " | ".join(cells) + " |")
-    Console(width=160).print(table)
-    out = Path(__file__).resolve().parent / "results"
-    record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "image_size": size, "unit_length_features": not args.raw_features, "rows": rows}
-    (out / f"feature_knn_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"feature_knn_{args.name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / f'feature_knn_{args.name}.json'}")
-
+    title = (f"Random-init {base['model']['backbone']} features at {size} px{' (raw, not unit length)' if args.raw_features else ''}, "
+             f"nearest train patch (development demo seed {args.seed})")
+    record = {"params": args.params, "dev_seed": args.seed, "image_size": size, "unit_length_features": not args.raw_features}
+    dev_demo.write_results(rows, ("category", "map"), title, f"feature_knn_{args.name}", record)
 
 if __name__ == "__main__":
     main()
