@@ -20,9 +20,24 @@ PARAMS = Path("params.yaml")
 DEMO_ROOT = Path("data/raw/demo")
 
 
+# The params each per-category stage depends on, resolved for the category (base + its override)
+# by the `stage_params` stage into data/params/<category>/<stage>.json: dvc.yaml lists those files as the
+# stages' dependencies, so an override for one category reruns only that category's stages.
+STAGE_PARAMS = {
+    "ingest": ["dataset.name", "dataset.root", "dataset.val_fraction"],
+    "validate": ["dataset.name", "dataset.min_train_images", "dataset.require_masks"],
+    "prepare": ["dataset.image_size", "synthesis.foreground.{category}"],
+    "train": ["seed", "dataset.image_size", "model", "train", "synthesis"],
+    "calibrate": ["calibrate"],
+    "evaluate": ["evaluate"],
+    "package": ["package"],
+}
+
+
 def paths(category: str = "") -> dict[str, Path]:
     """Every stage output, in one place (dvc.yaml names the same paths)."""
     return {
+        "params": Path("data/params") / category,
         "manifest": Path("data/manifests") / f"{category}.csv",
         "validation": Path("reports/validation") / category,
         "validated": Path("data/validated") / f"{category}.csv",
@@ -36,6 +51,27 @@ def paths(category: str = "") -> dict[str, Path]:
         "plots": Path("plots") / category,
         "bundle": Path("bundles") / category,
     }
+
+
+def stage_params(params: Params, category: str, stage: str) -> dict[str, object]:
+    """The values of STAGE_PARAMS[stage] for ``category`` (after its override), by dotted key."""
+    tree = params.for_category(category).model_dump(mode="json", exclude={"overrides"})
+    values: dict[str, object] = {}
+    for key in STAGE_PARAMS[stage]:
+        node: object = tree
+        for part in key.format(category=category).split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        values[key.format(category=category)] = node
+    return values
+
+
+def write_params(params: Params, category: str) -> None:
+    """data/params/<category>/<stage>.json for every per-category stage (rewritten identically
+    when nothing of the category's own params changed, so DVC skips its stages)."""
+    folder = paths(category)["params"]
+    folder.mkdir(parents=True, exist_ok=True)
+    for stage in STAGE_PARAMS:
+        (folder / f"{stage}.json").write_text(json.dumps(stage_params(params, category, stage), indent=2, sort_keys=True) + "\n")
 
 
 def demo_data(params: Params) -> None:
@@ -86,17 +122,20 @@ def train(params: Params, category: str) -> None:
 
     from urd.checkpoint import load_checkpoint
     from urd.data.manifest import read_manifest
-    from urd.train import train_category
+    from urd.train import data_fingerprint, train_category
 
     from . import tracking
 
     out = paths(category)
+    manifest = read_manifest(out["validated"])
     checkpoint = out["model"] / "checkpoints" / "last.pt"
     resume = checkpoint.exists()
-    if resume and load_checkpoint(checkpoint).get("params") != json.dumps(params.for_category(category).model_dump(), sort_keys=True):
-        # A checkpoint of a run with other params (DVC reruns train when they change): start over.
-        shutil.rmtree(checkpoint.parent)
-        resume = False
+    if resume:
+        state = load_checkpoint(checkpoint)
+        if state.get("params") != json.dumps(params.for_category(category).model_dump(), sort_keys=True) or state.get("data") != data_fingerprint(manifest):
+            # An interrupted run with other params or images (DVC reruns train when they change): start over.
+            shutil.rmtree(checkpoint.parent)
+            resume = False
     tracking.start_category_run(params, category, out["mlflow_run"], resume=resume)
     with tracking.category_run(out["mlflow_run"]):
         if out["validation"].is_dir():
@@ -105,10 +144,12 @@ def train(params: Params, category: str) -> None:
         def log_losses(iteration: int, losses: dict[str, float]) -> None:
             mlflow.log_metrics({f"train_{k}": float(v) for k, v in losses.items()}, step=iteration)
 
-        trained = train_category(params, category, read_manifest(out["validated"]), out["model"], out["prepared"], out["textures"],
-                                 resume=resume, on_log=log_losses)
+        trained = train_category(params, category, manifest, out["model"], out["prepared"], out["textures"], resume=resume, on_log=log_losses)
         mlflow.log_metrics({"train_seconds": trained["seconds"], "selected_iteration": trained["selected_iteration"]})
         mlflow.log_artifact(str(out["model"] / "training.json"))
+    # The checkpoint only serves to resume an interrupted run; kept, a later run (new code) would
+    # "resume" the finished one.
+    shutil.rmtree(checkpoint.parent, ignore_errors=True)
 
 
 def calibrate(params: Params, category: str) -> None:
@@ -157,6 +198,7 @@ def package(params: Params, category: str) -> None:
 
     from . import tracking
     from .model_card import write_model_card
+    from .promotion import data_tags
     from .registry import register_bundle
 
     out = paths(category)
@@ -171,7 +213,7 @@ def package(params: Params, category: str) -> None:
         mlflow.log_artifact(str(card_md), "model_card")
         mlflow.log_artifact(str(card_json), "model_card")
         example = manifest.loc[manifest["split"] == "val", "path"].head(1).tolist()
-        tags = lineage | {f"test_{k}": f"{v:.4f}" for k, v in metrics["overall"].items() if isinstance(v, float)}
+        tags = lineage | data_tags(Path.cwd(), category) | {f"test_{k}": f"{v:.4f}" for k, v in metrics["overall"].items() if isinstance(v, float)}
         version = register_bundle(out["bundle"], p.dataset.name, category, tags, example[0] if example else None)
     print(f"registered {version.name} version {version.version} as @candidate ({tracking.tracking_uri()})")
 
@@ -204,16 +246,48 @@ def summary(params: Params) -> None:
     console.print("serve a category: mlflow models serve -m models:/urd-<dataset>-<category>@candidate --env-manager local")
 
 
-STAGES = {"demo_data": demo_data, "ingest": ingest, "validate": validate, "textures": textures, "prepare": prepare,
-          "train": train, "calibrate": calibrate, "evaluate": evaluate, "package": package, "summary": summary}
-GLOBAL_STAGES = {"demo_data", "textures", "summary"}
+def promote(params: Params, category: str, dry_run: bool = False, version: str | None = None) -> None:
+    """The promotion gate (pipeline/promotion.py): not a DVC stage; run after `dvc repro`."""
+    from .promotion import mlflow_errors, promote as gate
+
+    with mlflow_errors():
+        decision = gate(params, category, Path.cwd(), version=version, dry_run=dry_run)
+    print(("[dry run, nothing recorded] " if dry_run else "") + decision.summary())
+    for metric in decision.candidate_metrics:
+        old = decision.production_metrics.get(metric)
+        print(f"  {metric:12s} candidate {decision.candidate_metrics[metric]:.4f}" + (f"   production {old:.4f}" if old is not None else ""))
+    if decision.gate_run_id:
+        print(f"recorded: tags promotion.* on v{decision.candidate_version}, run {decision.gate_run_id} in experiment 'promotion'")
+
+
+def rollback(params: Params, category: str) -> None:
+    from .promotion import mlflow_errors, rollback as restore
+
+    with mlflow_errors():
+        decision = restore(params, category, Path.cwd())
+    print(f"{decision.model}: {decision.reason} (run {decision.gate_run_id} in experiment 'promotion')")
+
+
+def serve(params: Params) -> None:
+    """Serve the retrain flow on its cron schedule (blocks; needs a real Prefect server)."""
+    from .flows import serve_retrain
+
+    serve_retrain(params)
+
+
+STAGES = {"stage_params": write_params, "demo_data": demo_data, "ingest": ingest, "validate": validate, "textures": textures, "prepare": prepare,
+          "train": train, "calibrate": calibrate, "evaluate": evaluate, "package": package, "summary": summary,
+          "promote": promote, "rollback": rollback, "serve": serve}
+GLOBAL_STAGES = {"demo_data", "textures", "summary", "serve"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="dvc.yaml stage entry points")
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="dvc.yaml stage entry points, the promotion gate, rollback and serve")
     parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--category", default=None)
     parser.add_argument("--params", default=str(PARAMS))
+    parser.add_argument("--dry-run", action="store_true", help="promote: decide and print, record nothing, move nothing")
+    parser.add_argument("--version", default=None, help="promote: gate this registered version instead of @candidate")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
@@ -221,10 +295,13 @@ def main(argv: list[str] | None = None) -> int:
             STAGES[args.stage](params)
         else:
             if not args.category:
-                parser.error(f"stage {args.stage} needs --category")
+                parser.error(f"{args.stage} needs --category")
             params.for_category(args.category)  # unknown category -> clear error
-            STAGES[args.stage](params, args.category)
+            if args.stage == "promote":
+                promote(params, args.category, args.dry_run, args.version)
+            else:
+                STAGES[args.stage](params, args.category)
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
-        print(f"error in stage {args.stage}{' for ' + args.category if args.category else ''}: {exc}", file=sys.stderr)
+        print(f"error in {args.stage}{' for ' + args.category if args.category else ''}: {exc}", file=sys.stderr)
         return 1
     return 0

@@ -3,7 +3,8 @@
 * Tracking URI: ``MLFLOW_TRACKING_URI`` when set (a shared server, a Databricks workspace...),
   otherwise ``sqlite:///<repo>/mlflow.db`` with artifacts in ``<repo>/mlartifacts`` (absolute
   paths, so the stages, ``mlflow ui`` and ``mlflow models serve`` agree wherever they run from).
-* One experiment per dataset (``urd-<dataset>``); one run per category per pipeline execution.
+* One experiment per dataset (``urd-<dataset>``); one run per category per pipeline execution;
+  promotion decisions in the experiment ``promotion`` (pipeline/promotion.py).
   The train stage opens it and writes its id to ``models/<category>/mlflow_run.json`` (a train
   output), which calibrate, evaluate and package read to log into the same run.
 * Lineage tags: git commit and dirty flag, DVC hashes of the category's raw data and manifest
@@ -51,12 +52,11 @@ def configure(root: str | Path | None = None) -> str:
     return uri
 
 
-def experiment_id(dataset: str, root: str | Path | None = None) -> str:
-    """The dataset's experiment, created on first use (artifacts beside the SQLite file by default)."""
+def experiment_id(name: str, root: str | Path | None = None) -> str:
+    """The experiment ``name``, created on first use (artifacts beside the SQLite file by default)."""
     from mlflow import MlflowClient
 
     client = MlflowClient()
-    name = f"urd-{dataset}"
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
@@ -125,7 +125,7 @@ def start_category_run(params: Params, category: str, run_file: str | Path, resu
         return json.loads(run_file.read_text())["run_id"]
     p = params.for_category(category)
     tags = lineage_tags(params, category)
-    with mlflow.start_run(experiment_id=experiment_id(p.dataset.name), run_name=f"{category}", tags=tags) as run:
+    with mlflow.start_run(experiment_id=experiment_id(f"urd-{p.dataset.name}"), run_name=f"{category}", tags=tags) as run:
         mlflow.log_params(flatten(p.model_dump(exclude={"overrides"})))
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri()}, indent=2) + "\n")

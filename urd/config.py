@@ -139,6 +139,34 @@ class PackageParams(_Section):
     onnx_opset: int = Field(17, ge=13)
 
 
+class PromoteParams(_Section):
+    """The promotion gate (pipeline/promotion.py): a candidate moves the registry alias
+    ``production`` only if it clears every floor on the current test split and, when a production
+    model exists, is not worse than it on the same images by more than ``max_regression``."""
+
+    min_image_auroc: float = Field(0.90, ge=0, description="floor on the candidate's test image AUROC (above 1: never promote automatically)")
+    min_pixel_auroc: float = Field(0.90, ge=0, description="floor on the candidate's test pixel AUROC (skipped for data without masks)")
+    min_aupro: float = Field(0.70, ge=0, description="floor on the candidate's test AUPRO (skipped for data without masks)")
+    max_regression: float = Field(0.01, ge=0, le=1, description="largest drop allowed against production, per metric, on the same test images")
+
+
+class RetrainParams(_Section):
+    """Unattended retraining (pipeline/flows.py, `python -m pipeline serve`)."""
+
+    cron: str = Field("0 2 * * *", description="when the retrain flow runs (cron, in `timezone`); default nightly at 02:00")
+    timezone: str = Field("UTC", description="IANA time zone of `cron`")
+    stage_timeout_minutes: float = Field(240, gt=0, description="a category's DVC stages are killed (whole process group) after this long")
+    retries: int = Field(2, ge=0, description="reruns of a category's stages after a transient failure (lock held, network); bad data is never retried")
+    retry_delay_seconds: float = Field(30, ge=0)
+
+    @field_validator("cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError(f"cron must have 5 fields (minute hour day month weekday), e.g. '0 2 * * *' (got {value!r})")
+        return value
+
+
 class Params(_Section):
     seed: int = 0
     dataset: DatasetParams = Field(default_factory=DatasetParams)
@@ -148,6 +176,8 @@ class Params(_Section):
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
     calibrate: CalibrateParams = Field(default_factory=CalibrateParams)
     package: PackageParams = Field(default_factory=PackageParams)
+    promote: PromoteParams = Field(default_factory=PromoteParams)
+    retrain: RetrainParams = Field(default_factory=RetrainParams)
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-category values, e.g. {cable: {train: {iterations: 10000}}}"
     )

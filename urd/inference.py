@@ -8,6 +8,7 @@ from pathlib import Path
 
 import cv2
 import numpy as np
+import pandas as pd
 import torch
 from tqdm import tqdm
 
@@ -15,7 +16,7 @@ from .calibrate import normalize_scores
 from .checkpoint import load_model
 from .data.images import ImageReadError, read_image, resize_image
 from .data.layouts import IMAGE_SUFFIXES
-from .data.torch_data import normalize
+from .data.torch_data import EvalDataset, eval_loader, normalize
 from .evaluate import overlay
 
 CALIBRATION_FILE = "calibration.json"
@@ -72,15 +73,31 @@ class Predictor:
         self.image_size = int(self.meta["preprocessing"]["image_size"])
 
     @torch.no_grad()
+    def score_tensor(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Normalised N x 3 x S x S images -> anomaly maps (N x S x S) and image scores (N), raw scale."""
+        if self.bundle is not None:
+            maps, scores = self.bundle(images.numpy())
+            return maps[:, 0], scores
+        maps, scores = self.graph(images.to(self.device))
+        return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+
     def score_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 images (any size) -> anomaly maps (N x S x S) and image scores (N), raw scale."""
         batch = np.stack([resize_image(image, self.image_size) for image in images])
-        tensor = normalize(torch.from_numpy(batch).permute(0, 3, 1, 2))
-        if self.bundle is not None:
-            maps, scores = self.bundle(tensor.numpy())
-            return maps[:, 0], scores
-        maps, scores = self.graph(tensor.to(self.device))
-        return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+        return self.score_tensor(normalize(torch.from_numpy(batch).permute(0, 3, 1, 2)))
+
+    def score_rows(self, rows: pd.DataFrame, batch_size: int = 8, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Manifest rows -> anomaly maps (N x S x S), image scores (N) and ground-truth masks
+        (N x S x S bool) at this model's input size: what evaluate computes, for any model or bundle."""
+        maps, scores, masks = [], [], []
+        for batch in tqdm(eval_loader(EvalDataset(rows, self.image_size), batch_size), desc="scoring", unit="batch", disable=not progress):
+            m, s = self.score_tensor(batch["image"])
+            maps.append(m)
+            scores.append(s)
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+        if not maps:
+            raise ValueError("no images to score")
+        return np.concatenate(maps), np.concatenate(scores), np.concatenate(masks)
 
     def decide(self, score: float) -> tuple[float, bool | None]:
         """(normalised score, is anomalous) at the calibrated threshold; (nan, None) uncalibrated."""
@@ -121,8 +138,6 @@ class Predictor:
 
     def write_outputs(self, results: list[Prediction], out_dir: str | Path) -> dict[str, Path]:
         """predictions.csv/.json, overlays/ and masks/ under ``out_dir``."""
-        import pandas as pd
-
         out_dir = Path(out_dir)
         (out_dir / "overlays").mkdir(parents=True, exist_ok=True)
         (out_dir / "masks").mkdir(parents=True, exist_ok=True)

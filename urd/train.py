@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import time
@@ -138,6 +139,12 @@ def score_images(
     return np.concatenate(maps), np.concatenate(scores), np.concatenate(masks)
 
 
+def data_fingerprint(manifest: pd.DataFrame) -> str:
+    """sha256 over the contents of the images training reads (train and val splits), in order."""
+    rows = manifest[manifest["split"].isin(["train", "val"])]
+    return hashlib.sha256("\n".join(rows["split"] + ":" + rows["sha256"].astype(str)).encode()).hexdigest()
+
+
 def _rng_state(synth: AnomalySynthesizer) -> dict[str, Tensor]:
     state = {"torch": torch.get_rng_state(), "synthesis": synth.generator.get_state()}
     if torch.cuda.is_available():
@@ -209,12 +216,18 @@ def train_category(
 
     start, history, val_history, best = 0, [], [], None
     params_json = json.dumps(p.model_dump(), sort_keys=True)
+    data = data_fingerprint(manifest)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
         if state.get("params") != params_json:
             raise ValueError(
                 f"{checkpoint_path} was written with other params than params.yaml has now; resuming would mix two "
                 f"runs. Remove {checkpoint_path.parent} to start over, or restore the params it was trained with."
+            )
+        if state.get("data") != data:
+            raise ValueError(
+                f"{checkpoint_path} was written while training on other images (the train/val split changed since); resuming "
+                f"would mix two datasets. Remove {checkpoint_path.parent} to start over."
             )
         model.load_state_dict(state["model"])
         optimizers.student.load_state_dict(state["optimizer_student"])
@@ -271,6 +284,7 @@ def train_category(
                 "val_history": json.dumps(val_history),
                 "best": json.dumps(best),
                 "params": params_json,
+                "data": data,
             })
     bar.close()
     elapsed = time.perf_counter() - started
