@@ -11,7 +11,7 @@
   DVC remote in, outputs pushed to the DVC remote, MLflow to the shared server, and the
   ``dvc.lock`` entries of its stages handed back as a table artifact. The parent merges those
   entries and pulls the outputs, so its checkout reads as up to date (``dvc status`` clean).
-* ``serve_retrain``: ``retrain`` served on the cron schedule of ``params.retrain`` (one host).
+* ``serve_retrain``: ``retrain`` served as ``retrain/served`` on the cron of ``params.retrain`` (one host).
   Several hosts: ``prefect.yaml`` (deployments on a ``process`` work pool).
 """
 
@@ -90,9 +90,23 @@ def run_logged(cmd: list[str], cwd: str | Path, timeout_s: float | None = None, 
     reader.join(30)
     output = "".join(lines)
     if proc.returncode != 0:
-        tail = "\n".join(output.strip().splitlines()[-15:])
-        raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}):\n{tail}", transient=bool(TRANSIENT.search(output)))
+        raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {failure_summary(output)}", transient=bool(TRANSIENT.search(output)))
     return output
+
+
+def failure_summary(output: str) -> str:
+    """The lines of a failed run a person needs: the stage's own error paragraph (`error in ...`
+    and its indented details) and DVC's verdict; else the last lines."""
+    lines = output.strip().splitlines()
+    keep, inside = [], False
+    for line in lines:
+        if line.startswith("error in "):
+            inside = True
+        elif inside and not line.startswith(("  ", "Nothing downstream")):
+            inside = False
+        if inside or line.startswith("ERROR:"):
+            keep.append(line.strip())
+    return " ".join(keep[:12]) if keep else " ".join(line.strip() for line in lines[-5:])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -204,14 +218,11 @@ def report_markdown(results: list[CategoryResult], root: Path, nothing_changed: 
         m = r.metrics
         fmt = lambda k: f"{100 * m[k]:.1f}" if k in m else "-"  # noqa: E731
         decision = r.gate.get("decision", "not gated" if not promote else "-")
-        why = r.gate.get("reason", "") if r.gate else (r.error.splitlines()[0] if r.error else "")
+        why = r.gate.get("reason", "") if r.gate else r.error
         card = paths(r.category)["bundle"] / "model_card.md"
         lines.append(f"| {r.category} | {len(r.ran)} ({', '.join(s.split('@')[0] for s in r.ran) or 'none'}) | {'FAILED' if r.error else 'ok'} | "
-                     f"{fmt('image_auroc')} | {fmt('pixel_auroc')} | {fmt('pixel_aupro')} | **{decision}** | {why.replace('|', '/')} | "
+                     f"{fmt('image_auroc')} | {fmt('pixel_auroc')} | {fmt('pixel_aupro')} | **{decision}** | {why.replace('|', '/').replace(chr(10), ' ')} | "
                      f"{'`' + str(card) + '`' if (root / card).is_file() and not r.error else '-'} | {r.mlflow_run or '-'} |")
-    for r in results:
-        if r.error:
-            lines += ["", f"## {r.category}: failed", "", "```", r.error[-3000:], "```"]
     return "\n".join(lines) + "\n"
 
 
@@ -304,8 +315,9 @@ def _fan_out(root: Path, results: dict[str, CategoryResult], params: Params, rep
     # so children can pull instead of recomputing.
     run_logged(_dvc("repro", *GLOBAL_STAGES), root, env=_stage_env(), log=logger.info)
     run_logged(_dvc("push"), root, env=_stage_env(), log=logger.info)
-    futures = {c: child_run.submit(c, repo, commit, uri) for c in results}
     lock_file = root / "dvc.lock"
+    lock_text = lock_file.read_text() if lock_file.is_file() else None
+    futures = {c: child_run.submit(c, repo, commit, uri, lock_text) for c in results}
     for category, future in futures.items():
         future.wait()
         state = future.state
@@ -321,14 +333,14 @@ def _fan_out(root: Path, results: dict[str, CategoryResult], params: Params, rep
 
 
 @task(name="fan-out-child")
-def child_run(category: str, repo: str, commit: str, tracking_uri: str) -> dict[str, Any]:
+def child_run(category: str, repo: str, commit: str, tracking_uri: str, lock: str | None) -> dict[str, Any]:
     """Run the ``train-category`` deployment for ``category`` and return its lock entries."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.deployments import run_deployment
 
     run = run_deployment("train-category/train-category", parameters={"category": category, "repo": repo, "commit": commit,
-                                                                      "tracking_uri": tracking_uri}, poll_interval=2)
+                                                                      "tracking_uri": tracking_uri, "lock": lock}, poll_interval=2)
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"train-category for {category} ended {run.state.name if run.state else 'unknown'}: {run.state.message if run.state else ''} "
                            f"(flow run {run.name}, see its logs in the Prefect UI)")
@@ -351,9 +363,11 @@ def _needs_gpu(params: Params, category: str) -> bool:
 
 
 @flow(name="train-category", log_prints=True)
-def train_category(category: str, repo: str, commit: str, tracking_uri: str, workdir: str | None = None, keep_checkout: bool = False) -> dict[str, Any]:
+def train_category(category: str, repo: str, commit: str, tracking_uri: str, lock: str | None = None, workdir: str | None = None,
+                   keep_checkout: bool = False) -> dict[str, Any]:
     """One category's stages in a checkout of its own (for fan-out): clone ``repo`` at ``commit``,
-    pull what the DVC remote has, `dvc repro package@<category>` (holding a slot of the ``gpu``
+    take the parent's ``dvc.lock`` (``lock``, its text) and pull what the DVC remote has of it, so
+    only what changed runs; `dvc repro package@<category>` (holding a slot of the ``gpu``
     global concurrency limit when it trains on a GPU), push the outputs, and hand back the
     category's dvc.lock entries as the table artifact ``dvc-lock-<category>``."""
     from prefect.artifacts import create_table_artifact
@@ -364,6 +378,8 @@ def train_category(category: str, repo: str, commit: str, tracking_uri: str, wor
     _git(Path(tempfile.gettempdir()), "clone", "--quiet", repo, str(base))
     try:
         _git(base, "checkout", "--quiet", commit)
+        if lock:
+            (base / "dvc.lock").write_text(lock)
         env = _stage_env() | {"MLFLOW_TRACKING_URI": tracking_uri}
         run_logged(_dvc("pull", "--allow-missing"), base, env=env, log=logger.info)
         params = load_params(base / "params.yaml")
@@ -397,9 +413,10 @@ def require_server() -> str:
 
 
 def serve_retrain(params: Params) -> None:
-    """Serve ``retrain`` as the deployment ``retrain/retrain`` on ``params.retrain``'s cron (blocks)."""
+    """Serve ``retrain`` as the deployment ``retrain/served`` on ``params.retrain``'s cron (blocks).
+    Its runs execute here, in this checkout; prefect.yaml's ``retrain/retrain`` is the work-pool one."""
     from prefect.schedules import Cron
 
     require_server()
-    retrain.serve(name="retrain", schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
+    retrain.serve(name="served", schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
                   parameters={"root": str(Path.cwd().resolve())})

@@ -218,6 +218,7 @@ def score_version(model: str, version: str, rows, pro_limit: float) -> dict[str,
     from urd.evaluate import compute_metrics
     from urd.inference import Predictor
 
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per file would flood the flow's log
     with tempfile.TemporaryDirectory(prefix="urd-gate-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=tmp))
         bundle = next(local.rglob("metadata.json")).parent
