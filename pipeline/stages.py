@@ -243,6 +243,7 @@ def summary(params: Params) -> None:
     console.print(f"metrics: metrics/<category>.json (dvc metrics show); plots and overlay gallery: plots/<category>/ (dvc plots show); "
                   f"reports: reports/<category>/")
     console.print(f"MLflow: {uri}  ->  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+    console.print("promote a candidate: python -m pipeline promote --category <category> [--dry-run]  (README: Operate it in a factory)")
     console.print("serve a category: mlflow models serve -m models:/urd-<dataset>-<category>@candidate --env-manager local")
 
 

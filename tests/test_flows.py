@@ -252,8 +252,9 @@ def test_fan_out_over_two_workers_gates_each_category_and_leaves_the_parent_up_t
     checkout, env, procs = factory["checkout"], factory["env"], factory["procs"]
     _run([str(BIN / "prefect"), "work-pool", "create", "urd", "--type", "process"], checkout, env)
     _run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all"], checkout, env | {"URD_CHECKOUT": str(checkout)})
-    for name in ("w1", "w2"):
-        procs.start(f"worker-{name}", [str(BIN / "prefect"), "worker", "start", "--pool", "urd", "--name", name], checkout)
+    # as in the README: one worker for the parent's queue, one for the children's (a CPU host: no --limit)
+    for name, queue in (("w1", "control"), ("w2", "train")):
+        procs.start(f"worker-{name}", [str(BIN / "prefect"), "worker", "start", "--pool", "urd", "--work-queue", queue, "--name", name], checkout)
 
     run = run_deployment("retrain/retrain", timeout=1200, poll_interval=3)
     logs = "".join(p.read_text() for p in factory["tmp"].glob("worker-*.log"))
@@ -270,6 +271,10 @@ def test_fan_out_over_two_workers_gates_each_category_and_leaves_the_parent_up_t
     report = _report(run.id)
     assert "| tiles |" in report and "**promote**" in report and "**reject**" in report and "min_image_auroc" in report
     assert _production("urd-demo-tiles") == "1" and _production("urd-demo-widget") is None
+    # orchestrated gates serialise on a Prefect global concurrency limit (any number of hosts)
+    from mlflow import MlflowClient
+
+    assert MlflowClient().get_model_version("urd-demo-tiles", "1").tags["promotion.lock"] == "prefect global concurrency limit promote-urd-demo-tiles"
 
     # the parent's checkout holds every output and reads as up to date: nothing to rerun
     status = _run([sys.executable, "-m", "dvc", "status", "--json"], checkout, env)
