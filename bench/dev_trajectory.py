@@ -54,7 +54,7 @@ SYNTHESIS_SEED = 12345  # not the training synthesis seed (params.seed)
 def synthetic_val(params, category: str, val_paths: list[str]) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Val normals and synthetic anomalies on them: (normal, anomalous) normalised N x 3 x S x S, masks N x S x S."""
     size = params.dataset.image_size
-    foreground = compute_foreground(val_paths, size, method_for(category, params.synthesis.foreground), progress=False)
+    foreground = compute_foreground(val_paths, size, method_for(category, params.synthesis.foreground, params.dataset.name), progress=False)
     textures, _ = texture_cache(size, params.synthesis.dtd_root or None, seed=params.seed, progress=False)
     synth = AnomalySynthesizer(params.synthesis, torch.from_numpy(textures).permute(0, 3, 1, 2).contiguous(), seed=SYNTHESIS_SEED)
     images = torch.stack([image_tensor(p, size) for p in val_paths]).float() / 255

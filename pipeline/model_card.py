@@ -37,6 +37,12 @@ def _caveats(metadata: dict[str, Any], counts: dict[str, Any], thresholds: dict[
             "setting; scores are far weaker than the paper's. Do not use this model on a production line; retrain with "
             "model.weights: imagenet."
         )
+    training = metadata.get("training") or {}
+    if training.get("texture_source") == "procedural" and training.get("dtd_root"):
+        caveats.append(
+            f"WARNING: synthetic anomalies were made with PROCEDURAL textures: synthesis.dtd_root was {training['dtd_root']!r}, but no "
+            "DTD images were found there. The paper uses DTD; place the DTD images there (images/<class>/*.jpg) and retrain."
+        )
     if metadata.get("dataset") == "demo":
         caveats.append("Trained and evaluated on the generated demo dataset (synthetic images), not on real parts.")
     test = counts["test"]
@@ -102,6 +108,7 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
             "train_images": counts["train"],
             "val_images": counts["val"],
             "val_use": "held-out normal images, used for model selection and threshold calibration (never the test split)",
+            "anomaly_textures": (metadata.get("training") or {}).get("texture_source", "unknown"),
             "dvc_data_md5": lineage.get("dvc_data_md5", "unknown"),
             "dvc_manifest_md5": lineage.get("dvc_manifest_md5", "unknown"),
         },
@@ -161,6 +168,7 @@ def render_markdown(card: dict[str, Any]) -> str:
               *[f"- {x}" for x in card["out_of_scope"]], ""]
     td = card["training_data"]
     lines += ["## Training data", "", f"- {td['description']}", f"- {td['train_images']} training images, {td['val_images']} val images ({td['val_use']})",
+              f"- Textures of the synthetic anomalies: `{td['anomaly_textures']}`",
               f"- DVC hash of the raw data: `{td['dvc_data_md5']}`; of the manifest: `{td['dvc_manifest_md5']}`", ""]
     ed = card["evaluation_data"]
     per_type = ", ".join(f"{k}: {v}" for k, v in ed["per_defect_type"].items())

@@ -246,8 +246,9 @@ def _record(client, decision: Decision, dataset: str) -> None:
 
 def promote(params: Params, category: str, root: str | Path = ".", version: str | None = None, dry_run: bool = False) -> Decision:
     """Gate the ``candidate`` (or ``version``) of ``category`` against ``production``; see the module doc."""
-    import pandas as pd
     from mlflow import MlflowClient
+
+    from urd.data.manifest import read_manifest
 
     root = Path(root).resolve()
     uri = tracking.configure(root)
@@ -270,7 +271,7 @@ def promote(params: Params, category: str, root: str | Path = ".", version: str 
         if problem:
             decision.decision, decision.reason = "reject", problem
         else:
-            manifest = pd.read_csv(root / paths(category)["validated"], keep_default_na=False)
+            manifest = read_manifest(root / paths(category)["validated"])
             rows = manifest[manifest["split"] == "test"].reset_index(drop=True)
             rows["path"] = [str(path if Path(path).is_absolute() else root / path) for path in rows["path"]]
             rows["mask_path"] = [str(path if not path or Path(path).is_absolute() else root / path) for path in rows["mask_path"]]

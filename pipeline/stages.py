@@ -26,7 +26,7 @@ DEMO_ROOT = Path("data/raw/demo")
 STAGE_PARAMS = {
     "ingest": ["dataset.name", "dataset.root", "dataset.val_fraction"],
     "validate": ["dataset.name", "dataset.min_train_images", "dataset.require_masks"],
-    "prepare": ["dataset.image_size", "synthesis.foreground.{category}"],
+    "prepare": ["dataset.name", "dataset.image_size", "synthesis.foreground.{category}"],
     "train": ["seed", "dataset.image_size", "model", "train", "synthesis"],
     "calibrate": ["calibrate"],
     "evaluate": ["evaluate"],
@@ -146,6 +146,7 @@ def train(params: Params, category: str) -> None:
 
         trained = train_category(params, category, manifest, out["model"], out["prepared"], out["textures"], resume=resume, on_log=log_losses)
         mlflow.log_metrics({"train_seconds": trained["seconds"], "selected_iteration": trained["selected_iteration"]})
+        mlflow.set_tag("texture_source", trained["texture_source"])
         mlflow.log_artifact(str(out["model"] / "training.json"))
     # The checkpoint only serves to resume an interrupted run; kept, a later run (new code) would
     # "resume" the finished one.

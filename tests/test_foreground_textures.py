@@ -34,8 +34,10 @@ def test_foreground_covers_the_object_not_the_background(method, bright):
 def test_none_and_defaults_and_bad_method():
     img, _ = _object_image()
     assert foreground_mask(img, "none").all()
-    assert method_for("screw", {}) == "otsu_inv" and method_for("bottle", {}) == "grabcut"
-    assert method_for("carpet", {}) == "none" and method_for("widget", {"widget": "otsu"}) == "otsu"
+    assert method_for("screw", {}, "mvtec") == "otsu_inv" and method_for("bottle", {}, "mvtec") == "grabcut"
+    assert method_for("carpet", {}, "mvtec") == "none" and method_for("widget", {"widget": "otsu"}, "demo") == "otsu"
+    assert method_for("pcb3", {}, "visa") == "grabcut" and method_for("pcb3", {"pcb3": "none"}, "visa") == "none"
+    assert method_for("bottle", {}, "folder") == "none"  # the release's defaults are for its datasets' categories
     with pytest.raises(ValueError, match="foreground method 'magic'"):
         foreground_mask(img, "magic")
 

@@ -77,6 +77,9 @@ def test_model_card_sections_counts_and_warning(packaged):
     at = card["thresholds"]["test_at_image_threshold"]
     assert at == metrics["at_calibrated_threshold"] and card["thresholds"]["test_at_pixel_threshold"]["recall"] >= 0
     assert card["caveats"][0].startswith("WARNING") and "RANDOMLY INITIALISED" in card["caveats"][0]
+    # dtd_root is configured (the default) but holds no DTD: the texture fallback is recorded and warned about
+    assert card["training_data"]["anomaly_textures"] == "procedural"
+    assert any("PROCEDURAL textures" in c and "'data/raw/dtd'" in c for c in card["caveats"])
     n_val = card["training_data"]["val_images"]
     assert any(f"steps of 1/{n_val} = " in c and "Hold out at least 100 normal images" in c for c in card["caveats"])  # target 0.01
     text = card_md.read_text()
@@ -88,8 +91,9 @@ def test_model_card_sections_counts_and_warning(packaged):
         assert f"| {defect} |" in text
 
 
-def test_model_card_without_warning_for_pretrained_weights(packaged):
+def test_model_card_without_warning_for_pretrained_weights_and_dtd_textures(packaged):
     meta = json.loads((packaged / "bundle" / METADATA_FILE).read_text()) | {"weights_source": "imagenet", "dataset": "mvtec"}
+    meta["training"] = meta["training"] | {"texture_source": "dtd:/data/dtd", "dtd_root": "/data/dtd"}
     card = build_card(meta, build_manifest("demo", packaged / "demo", "widget", 0.25))
     assert not any(c.startswith("WARNING") for c in card["caveats"]) and card["model_details"]["name"] == "urd-mvtec-widget"
 

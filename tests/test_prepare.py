@@ -4,7 +4,7 @@ import pytest
 from urd.config import ConfigError, Params, parse_params
 from urd.data.demo import DemoSpec, generate_demo
 from urd.data.manifest import build_manifest
-from urd.data.prepare import load_foreground, prepare_category, prepare_textures
+from urd.data.prepare import load_foreground, load_textures, prepare_category, prepare_textures
 
 
 def test_foreground_cache_roundtrip_and_object_coverage(tmp_path):
@@ -28,6 +28,10 @@ def test_texture_cache_file(tmp_path):
     source = prepare_textures(parse_params({"dataset": {"image_size": 32}, "synthesis": {"dtd_root": str(tmp_path / "none")}}), tmp_path / "t.npy", progress=False)
     textures = np.load(tmp_path / "t.npy")
     assert source == "procedural" and textures.shape[1:] == (32, 32, 3) and textures.dtype == np.uint8
+    loaded, recorded = load_textures(tmp_path / "t.npy")  # the source travels with the cache, for model.json and the card
+    assert recorded == "procedural" and np.array_equal(loaded, textures)
+    (tmp_path / "t.json").unlink()
+    assert load_textures(tmp_path / "t.npy")[1] == "unknown"
 
 
 def test_bad_foreground_method_in_params():

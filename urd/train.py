@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -19,7 +20,7 @@ from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, load_checkpoint, model_meta, save_checkpoint, save_model
 from .config import Params, TrainParams
-from .data.prepare import compute_foreground, load_foreground
+from .data.prepare import compute_foreground, load_foreground, load_textures
 from .data.foreground import method_for
 from .data.synthesis import AnomalySynthesizer
 from .data.textures import texture_cache
@@ -195,11 +196,14 @@ def train_category(
     if prepared_dir is not None and (Path(prepared_dir) / "foreground.npz").is_file():
         foreground = load_foreground(Path(prepared_dir) / "foreground.npz", train_paths)
     else:
-        foreground = compute_foreground(train_paths, size, method_for(category, p.synthesis.foreground), progress)
+        foreground = compute_foreground(train_paths, size, method_for(category, p.synthesis.foreground, p.dataset.name), progress)
     if textures_path is not None and Path(textures_path).is_file():
-        textures = np.load(textures_path)
+        textures, texture_source = load_textures(textures_path)
     else:
-        textures, _ = texture_cache(size, p.synthesis.dtd_root or None, seed=p.seed, progress=progress)
+        textures, texture_source = texture_cache(size, p.synthesis.dtd_root or None, seed=p.seed, progress=progress)
+    if texture_source == "procedural" and p.synthesis.dtd_root:
+        warnings.warn(f"synthesis.dtd_root is {p.synthesis.dtd_root!r} but no DTD images were found there: training on procedural "
+                      "textures instead of DTD (the paper's texture source). The model card will say so.", stacklevel=2)
 
     torch.manual_seed(p.seed)
     model = URD.from_params(p).to(device)
@@ -292,7 +296,8 @@ def train_category(
     summary: dict[str, Any] = {
         "category": category, "iterations_done": end, "iterations": tp.iterations, "device": str(device),
         "precision": tp.precision, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
-        "selection": tp.selection, "history": history, "val_history": val_history,
+        "selection": tp.selection, "texture_source": texture_source, "dtd_root": p.synthesis.dtd_root,
+        "history": history, "val_history": val_history,
     }
     if end < tp.iterations:
         summary["interrupted"] = True

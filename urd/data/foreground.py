@@ -5,11 +5,13 @@ Methods (``synthesis.foreground.<category>`` in params):
 * ``none``      - the whole image (textures)
 * ``otsu``      - Otsu threshold of the grey image, bright object on a dark background
 * ``otsu_inv``  - Otsu threshold inverted, dark object on a bright background
-* ``grabcut``   - OpenCV GrabCut seeded with the whole frame minus a 1-pixel border
+* ``grabcut``   - OpenCV GrabCut seeded with the frame inside a 1-pixel border, 11 iterations
 * ``threshold:<0-255>`` - fixed grey threshold, bright object
 
-Defaults for the MVTec AD categories follow the authors' release (NOTES.md). Masks are computed
-once per image at the training resolution and cached by the prepare stage.
+Defaults per dataset follow the authors' release (NOTES.md): for MVTec AD Otsu (inverted) for
+capsule and screw, GrabCut for seven objects, none for the textures and transistor; for VisA
+GrabCut for all 12 categories. ``synthesis.foreground.<category>`` overrides them. Masks are
+computed once per image at the training resolution and cached by the prepare stage.
 """
 
 from __future__ import annotations
@@ -17,16 +19,24 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-MVTEC_FOREGROUND = {
-    "capsule": "otsu_inv",
-    "screw": "otsu_inv",
-    **{c: "grabcut" for c in ("bottle", "cable", "hazelnut", "metal_nut", "pill", "toothbrush", "zipper")},
+DEFAULT_FOREGROUND = {
+    "mvtec": {
+        "capsule": "otsu_inv",
+        "screw": "otsu_inv",
+        **{c: "grabcut" for c in ("bottle", "cable", "hazelnut", "metal_nut", "pill", "toothbrush", "zipper")},
+    },
+    "visa": {c: "grabcut" for c in ("candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
+                                    "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum")},
 }
 MIN_COVERAGE = 0.01  # a mask covering less than this is treated as a failed segmentation
+# GrabCut as in the authors' release: 11 iterations from the rectangle (1, 1, w - 1, h - 1)
+# (x, y, width, height; OpenCV clips the part past the right and bottom edge).
+GRABCUT_ITERATIONS = 11
 
 
-def method_for(category: str, configured: dict[str, str]) -> str:
-    return configured.get(category, MVTEC_FOREGROUND.get(category, "none"))
+def method_for(category: str, configured: dict[str, str], dataset: str = "folder") -> str:
+    """The configured method of ``category``, else the release's default for ``dataset``, else none."""
+    return configured.get(category, DEFAULT_FOREGROUND.get(dataset, {}).get(category, "none"))
 
 
 def validate_method(method: str) -> str:
@@ -58,7 +68,7 @@ def foreground_mask(image: np.ndarray, method: str) -> np.ndarray:
         gc = np.zeros((h, w), np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
         cv2.setRNGSeed(0)  # GrabCut's GMM initialisation draws from OpenCV's RNG: keep it deterministic
-        cv2.grabCut(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), gc, (1, 1, w - 2, h - 2), bgd, fgd, 5, cv2.GC_INIT_WITH_RECT)
+        cv2.grabCut(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), gc, (1, 1, w - 1, h - 1), bgd, fgd, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_RECT)
         mask = (gc == cv2.GC_FGD) | (gc == cv2.GC_PR_FGD)
     else:
         mask = grey > int(method.split(":", 1)[1])

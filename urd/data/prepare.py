@@ -50,7 +50,7 @@ def load_foreground(path: str | Path, paths: list[str]) -> np.ndarray:
 def prepare_category(manifest: pd.DataFrame, params: Params, category: str, out_dir: str | Path, progress: bool = True) -> dict:
     """Write ``foreground.npz`` (training images) under ``out_dir``; returns a small summary."""
     p = params.for_category(category)
-    method = method_for(category, p.synthesis.foreground)
+    method = method_for(category, p.synthesis.foreground, p.dataset.name)
     paths = manifest.loc[manifest["split"] == "train", "path"].tolist()
     masks = compute_foreground(paths, p.dataset.image_size, method, progress)
     save_foreground(Path(out_dir) / "foreground.npz", paths, masks, method)
@@ -60,11 +60,21 @@ def prepare_category(manifest: pd.DataFrame, params: Params, category: str, out_
 
 
 def prepare_textures(params: Params, out_path: str | Path, progress: bool = True) -> str:
-    """Write the texture cache (N x S x S x 3 uint8 .npy); returns its source."""
+    """Write the texture cache (N x S x S x 3 uint8 .npy) and, beside it (same name, .json), its
+    source ("dtd:<root>" or "procedural"); returns the source."""
     textures, source = texture_cache(params.dataset.image_size, params.synthesis.dtd_root or None, seed=params.seed, progress=progress)
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = out_path.with_name(out_path.name + ".tmp.npy")
     np.save(tmp, textures)
     tmp.replace(out_path)
+    out_path.with_suffix(".json").write_text(json.dumps({"source": source, "count": len(textures)}) + "\n")
     return source
+
+
+def load_textures(path: str | Path) -> tuple[np.ndarray, str]:
+    """The texture cache written by :func:`prepare_textures` and its source."""
+    path = Path(path)
+    sidecar = path.with_suffix(".json")
+    source = json.loads(sidecar.read_text())["source"] if sidecar.is_file() else "unknown"
+    return np.load(path), source
