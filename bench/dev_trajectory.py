@@ -41,7 +41,7 @@ from urd.data.manifest import ingest_category  # noqa: E402
 from urd.data.prepare import compute_foreground  # noqa: E402
 from urd.data.synthesis import AnomalySynthesizer  # noqa: E402
 from urd.data.textures import texture_cache  # noqa: E402
-from urd.data.torch_data import image_tensor, normalize  # noqa: E402
+from urd.data.torch_data import image_tensor, to_unit  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
 from urd.metrics import image_metrics, pixel_metrics  # noqa: E402
 from urd.train import score_images, train_category  # noqa: E402
@@ -59,7 +59,7 @@ def synthetic_val(params, category: str, val_paths: list[str]) -> tuple[torch.Te
     synth = AnomalySynthesizer(params.synthesis, torch.from_numpy(textures).permute(0, 3, 1, 2).contiguous(), seed=SYNTHESIS_SEED)
     images = torch.stack([image_tensor(p, size) for p in val_paths]).float() / 255
     anomalous, masks = synth(images, torch.from_numpy(foreground)[:, None])
-    return normalize(images), normalize(anomalous), masks[:, 0].numpy() > 0.5
+    return to_unit(images), to_unit(anomalous), masks[:, 0].numpy() > 0.5
 
 
 def main() -> None:

@@ -36,7 +36,7 @@ import _dev_demo as dev_demo  # noqa: E402
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
 from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
-from urd.data.torch_data import EvalDataset, eval_loader, image_tensor, normalize  # noqa: E402
+from urd.data.torch_data import EvalDataset, eval_loader, image_tensor, to_unit  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
 from urd.model.anomaly_map import GaussianBlur  # noqa: E402
 from urd.model.backbone import build_encoder, estimate_batchnorm_statistics  # noqa: E402
@@ -75,7 +75,7 @@ def main() -> None:
             start = time.perf_counter()
             manifest = ingest_category(params, category, progress=False)
             train_paths = manifest.loc[manifest["split"] == "train", "path"].tolist()
-            train_images = normalize(torch.stack([image_tensor(path, size) for path in train_paths]))
+            train_images = to_unit(torch.stack([image_tensor(path, size) for path in train_paths]))
             torch.manual_seed(params.seed)  # the same random weights training starts from
             encoder = build_encoder(params.model.backbone, "none").eval()
             estimate_batchnorm_statistics(encoder, train_images[:64].split(params.train.batch_size))

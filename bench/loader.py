@@ -29,7 +29,7 @@ from urd.data.demo import generate_demo  # noqa: E402
 from urd.data.manifest import build_manifest  # noqa: E402
 from urd.data.synthesis import AnomalySynthesizer  # noqa: E402
 from urd.data.textures import procedural_textures  # noqa: E402
-from urd.data.torch_data import TrainDataset, normalize, train_batches  # noqa: E402
+from urd.data.torch_data import TrainDataset, train_batches, to_unit  # noqa: E402
 from urd.model import URD  # noqa: E402
 from urd.train import make_optimizers, train_step  # noqa: E402
 
@@ -64,7 +64,7 @@ def main() -> None:
         def step() -> None:
             images = item["image"].float() / 255
             anomalous, mask = synth(images, item["foreground"])
-            train_step(model, optimizers, normalize(images), normalize(anomalous), mask)
+            train_step(model, optimizers, to_unit(images), to_unit(anomalous), mask)
 
         step()
         start = time.perf_counter()

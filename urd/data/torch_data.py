@@ -17,16 +17,13 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .images import IMAGENET_MEAN, IMAGENET_STD, read_image, read_mask, resize_image, resize_mask
+from .images import read_image, read_mask, resize_image, resize_mask
 
 
-def normalize(images: Tensor) -> Tensor:
-    """B x 3 x H x W in [0, 1] (or uint8) -> ImageNet-normalised float, on the images' device."""
-    if images.dtype == torch.uint8:
-        images = images.float() / 255.0
-    mean = torch.tensor(IMAGENET_MEAN, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)
-    return (images - mean) / std
+def to_unit(images: Tensor) -> Tensor:
+    """uint8 images -> float in [0, 1] (float input is returned as is): what every model takes; the
+    backbone's own normalisation is the first step of the model (urd.model.backbone.Normalize)."""
+    return images.float() / 255.0 if images.dtype == torch.uint8 else images
 
 
 def image_tensor(path: str, size: int) -> Tensor:
@@ -57,7 +54,7 @@ class TrainDataset(Dataset):
 
 
 class EvalDataset(Dataset):
-    """Manifest rows -> {"image": normalised 3xSxS, "mask": 1xSxS float {0,1}, "label", "defect_type", "path"}."""
+    """Manifest rows -> {"image": 3xSxS float in [0, 1], "mask": 1xSxS float {0,1}, "label", "defect_type", "path"}."""
 
     def __init__(self, rows: pd.DataFrame, image_size: int) -> None:
         self.rows = rows.reset_index(drop=True)
@@ -68,7 +65,7 @@ class EvalDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row = self.rows.iloc[index]
-        image = normalize(image_tensor(row["path"], self.image_size)[None])[0]
+        image = to_unit(image_tensor(row["path"], self.image_size))
         if row["mask_path"]:
             mask = resize_mask(read_mask(row["mask_path"]), self.image_size)
         else:

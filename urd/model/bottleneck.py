@@ -30,18 +30,19 @@ class MFF(nn.Module):
 
 
 class OCE(nn.Module):
-    """One ResNet stage at stride 2 over the fused features: B x 3*C3 x H/16 -> B x 512*expansion x H/32."""
+    """One ResNet stage at stride 2 over the fused features: B x 3*C3 x H/16 -> B x 2*C3 x H/32
+    (512 for resnet18, 2048 for the 50-layer nets, as in RD)."""
 
     def __init__(
         self,
         in_channels: int,
+        out_channels: int,
         block: type[BasicBlock] | type[Bottleneck],
         num_blocks: int,
         base_width: int = 64,
     ) -> None:
         super().__init__()
-        planes = 512
-        out_channels = planes * block.expansion
+        planes = out_channels // block.expansion
         downsample = nn.Sequential(conv1x1(in_channels, out_channels, stride=2), nn.BatchNorm2d(out_channels))
         kwargs = {"base_width": base_width} if block is Bottleneck else {}
         layers: list[nn.Module] = [block(in_channels, planes, stride=2, downsample=downsample, **kwargs)]
@@ -60,7 +61,7 @@ class OCBE(nn.Module):
         super().__init__()
         self.mff = MFF(widths)
         num_blocks = 3 if block is Bottleneck else 2
-        self.oce = OCE(3 * widths[2], block, num_blocks, base_width)
+        self.oce = OCE(3 * widths[2], 2 * widths[2], block, num_blocks, base_width)
         self.out_channels = self.oce.out_channels
 
     def forward(self, features: list[Tensor]) -> Tensor:

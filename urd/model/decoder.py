@@ -93,9 +93,10 @@ class Decoder(nn.Module):
             raise ValueError(f"gii must be 'none', 'skip' or 'gii' (got {gii!r})")
         block = DECODER_BLOCKS[encoder_block]
         c1, c2, c3 = widths
-        self.stage3 = decoder_stage(block, 512 * block.expansion, 256, num_blocks[0], base_width)  # -> C3 x H/16
-        self.stage2 = decoder_stage(block, 256 * block.expansion, 128, num_blocks[1], base_width)  # -> C2 x H/8
-        self.stage1 = decoder_stage(block, 128 * block.expansion, 64, num_blocks[2], base_width)  # -> C1 x H/4
+        e = block.expansion  # the stages' widths are the encoder's: planes = width / expansion
+        self.stage3 = decoder_stage(block, 2 * c3, c3 // e, num_blocks[0], base_width)  # OCBE 2*C3 x H/32 -> C3 x H/16
+        self.stage2 = decoder_stage(block, c3, c2 // e, num_blocks[1], base_width)  # -> C2 x H/8
+        self.stage1 = decoder_stage(block, c2, c1 // e, num_blocks[2], base_width)  # -> C1 x H/4
         if gii == "none":
             self.gii2 = self.gii1 = None
         else:
