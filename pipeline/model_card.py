@@ -162,7 +162,8 @@ def render_markdown(card: dict[str, Any]) -> str:
               f"scale {pre.get('scale')}, mean {pre.get('mean')}, std {pre.get('std')}"]
     t = d.get("training") or {}
     if t:
-        lines += [f"- Training: {t.get('iterations')} iterations on {t.get('device')} ({t.get('precision')}), "
+        requested = f", train.precision {t['precision_requested']}" if t.get("precision_requested") not in (None, t.get("precision")) else ""
+        lines += [f"- Training: {t.get('iterations')} iterations on {t.get('device')} ({t.get('precision')}{requested}), "
                   f"{_fmt(t.get('seconds'))} s, kept iteration {t.get('selected_iteration')} (selection: {t.get('selection')})"]
     lines += ["", "## Intended use", "", *[f"- {x}" for x in card["intended_use"]], "", "## Out-of-scope uses", "",
               *[f"- {x}" for x in card["out_of_scope"]], ""]

@@ -147,6 +147,7 @@ def train(params: Params, category: str) -> None:
         trained = train_category(params, category, manifest, out["model"], out["prepared"], out["textures"], resume=resume, on_log=log_losses)
         mlflow.log_metrics({"train_seconds": trained["seconds"], "selected_iteration": trained["selected_iteration"]})
         mlflow.set_tag("texture_source", trained["texture_source"])
+        mlflow.log_param("train.precision_resolved", trained["precision"])  # what train.precision (auto) became on this host
         mlflow.log_artifact(str(out["model"] / "training.json"))
     # The checkpoint only serves to resume an interrupted run; kept, a later run (new code) would
     # "resume" the finished one.

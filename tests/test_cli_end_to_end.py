@@ -6,6 +6,7 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from urd.cli import app
@@ -27,6 +28,12 @@ def trained(tmp_path_factory):
 def test_train_writes_the_model_folder(trained):
     for name in ("model.safetensors", "model.json", "manifest.csv", "training.json", "checkpoints/last.pt"):
         assert (trained / "model" / name).is_file(), name
+    from urd.train import resolve_precision
+
+    summary = json.loads((trained / "model" / "training.json").read_text())
+    # train.precision defaults to auto; what ran on this host is recorded next to what was asked
+    assert summary["precision_requested"] == "auto" and summary["precision"] == resolve_precision("auto", torch.device("cpu"))
+    assert json.loads((trained / "model" / "model.json").read_text())["training"]["precision"] == summary["precision"]
     again = runner.invoke(app, ["train", "--category", "widget", "--params", str(trained / "params.yaml"), "--out", str(trained / "model")])
     assert again.exit_code == 2 and "--resume" in again.output
 

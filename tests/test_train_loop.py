@@ -84,3 +84,20 @@ def test_calibration_with_labelled_anomalies_is_f1_optimal():
     assert c["pixel_threshold"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="val"):
         calibrate(CalibrateParams(), np.zeros(0), np.zeros((0, 2, 2)))
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_runs_it(monkeypatch):
+    import torch
+
+    import urd.train as train
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "fma"})  # the EPYC that emulated bf16 at 0.07x fp32
+    assert train.resolve_precision("auto", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert train.resolve_precision("auto", cpu) == "bf16" and train.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert train.resolve_precision("auto", cpu) == "bf16"
+    assert isinstance(train.autocast_for(cpu, "auto")(), torch.autocast)
+    monkeypatch.setattr(train, "cpu_flags", lambda: set())
+    assert not isinstance(train.autocast_for(cpu, "auto")(), torch.autocast)

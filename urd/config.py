@@ -79,7 +79,10 @@ class TrainParams(_Section):
     lr_teacher: float = Field(0.0001, gt=0)
     betas: tuple[float, float] = (0.5, 0.999)
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="auto = bf16 autocast where the device runs bf16 natively (CUDA with bf16; CPU with AVX-512-BF16 or AMX), "
+        "fp32 otherwise; fp32 / bf16 force it. Losses, cosines and the anomaly map stay fp32."
+    )
     checkpoint_every: int = Field(250, gt=0)
     log_every: int = Field(25, gt=0)
     num_workers: int = Field(2, ge=0)

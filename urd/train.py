@@ -113,8 +113,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: CUDA that supports it, or a CPU with
+    AVX-512-BF16 or AMX. Elsewhere bf16 is emulated and far slower than fp32 (14x measured on an
+    AVX2-only EPYC, bench/results/train_speed_cpu.json)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision -> what runs: "auto" becomes bf16 where :func:`native_bf16`, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if precision == "bf16":
+    if resolve_precision(precision, device) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext
 
@@ -188,7 +216,8 @@ def train_category(
             f"{checkpoint_path} exists from an earlier run. Resume it with --resume, or remove {out_dir} to start over."
         )
     device = resolve_device(tp.device)
-    autocast = autocast_for(device, tp.precision)
+    precision = resolve_precision(tp.precision, device)
+    autocast = autocast_for(device, precision)
     size = p.dataset.image_size
 
     train_paths = manifest.loc[manifest["split"] == "train", "path"].tolist()
@@ -294,7 +323,7 @@ def train_category(
 
     summary: dict[str, Any] = {
         "category": category, "iterations_done": end, "iterations": tp.iterations, "device": str(device),
-        "precision": tp.precision, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
+        "precision": precision, "precision_requested": tp.precision, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
         "selection": tp.selection, "texture_source": texture_source, "dtd_root": p.synthesis.dtd_root,
         "history": history, "val_history": val_history,
     }
