@@ -25,7 +25,13 @@ def flat_cosine_distance(a: Tensor, b: Tensor) -> Tensor:
 
 
 def mask_at_scale(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """M^i: the B x 1 x H x W mask resized to one feature scale and binarised at 0.5 -> B x h x w."""
+    """M^i: the B x 1 x H x W mask resized to one feature scale and binarised at 0.5 -> B x h x w.
+
+    The full-resolution mask is resized to each scale directly. The authors' release instead
+    downsamples in a cascade (full -> 1/4 -> 1/8 -> 1/16, re-binarised at every step); the paper
+    only says M is resized. Both are defensible; ours gives each scale the footprint of the anomaly
+    at that scale without compounding the rounding of the scale above (1-5% of the mask pixels
+    differ between the two)."""
     resized = F.interpolate(mask.float(), size=size, mode="bilinear", align_corners=False)
     return (resized > 0.5).float().squeeze(1)
 
