@@ -28,7 +28,7 @@ import tempfile
 import threading
 import time
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -181,15 +181,12 @@ def gate_category(root: str, category: str) -> dict[str, Any]:
 
     decision = promote(load_params(Path(root) / "params.yaml"), category, root)
     get_run_logger().info(decision.summary())
-    return {"decision": decision.decision, "reason": decision.reason, "candidate_version": decision.candidate_version,
-            "production_version": decision.production_version, "candidate_metrics": decision.candidate_metrics,
-            "production_metrics": decision.production_metrics, "gate_run": decision.gate_run_id}
+    return asdict(decision)
 
 
 @dataclass
 class CategoryResult:
     category: str
-    changed: list[str] = field(default_factory=list)
     ran: list[str] = field(default_factory=list)
     error: str = ""
     metrics: dict[str, float] = field(default_factory=dict)
@@ -250,7 +247,7 @@ def retrain(categories: list[str] | None = None, promote: bool = True, fan_out: 
         logger.info("nothing changed (dvc status): nothing to run, nothing to promote")
         create_markdown_artifact(report_markdown([], root_path, True, promote, fan_out), key=REPORT_ARTIFACT, description="retrain: nothing changed")
         return {"changed": [], "failed": []}
-    results = {c: CategoryResult(c, changed=stages) for c, stages in changed.items()}
+    results = {c: CategoryResult(c) for c in changed}
     if fan_out:
         _fan_out(root_path, results, params, repo)
     else:
@@ -263,8 +260,10 @@ def retrain(categories: list[str] | None = None, promote: bool = True, fan_out: 
             else:
                 result.ran = state.result()
     for result in results.values():
+        if result.error:
+            continue  # its metrics and MLflow run on disk are an earlier run's: the report shows none
         _collect(root_path, result)
-        if promote and not result.error:
+        if promote:
             state = gate_category(str(root_path), result.category, return_state=True)
             if state.is_failed():
                 result.error = "promotion gate failed: " + _error_text(state)
