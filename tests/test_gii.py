@@ -70,3 +70,23 @@ def test_skip_mode_is_the_plain_fused_skip_connection():
     with torch.no_grad():
         fused = module.fuse(module.project(module.down(low)) + high)
         torch.testing.assert_close(module(low, high, student), module.merge(torch.cat([fused, student], dim=1)))
+
+
+def test_every_gii_conv_is_conv_bn_relu_like_the_release():
+    import math
+
+    from torch import nn
+
+    from urd.model.gii import GII
+    from urd.model.urd import Student
+
+    module = GII(8, 16)
+    for name in ("project", "fuse", "attend", "merge"):
+        conv, bn, relu = getattr(module, name)
+        assert isinstance(conv, nn.Conv2d) and conv.bias is None and isinstance(bn, nn.BatchNorm2d) and isinstance(relu, nn.ReLU), name
+    assert module.project[0].kernel_size == (1, 1) and module.fuse[0].kernel_size == (3, 3)
+    # the student's convs start from xavier_normal_ (release), not PyTorch's default
+    torch.manual_seed(0)
+    conv = Student("resnet18").decoder.gii1.merge[0]
+    fan_in, fan_out = conv.in_channels * 9, conv.out_channels * 9
+    assert abs(conv.weight.std().item() / math.sqrt(2 / (fan_in + fan_out)) - 1) < 0.05

@@ -11,12 +11,14 @@ student feature F_S^{i+1}, and returns F_SGII^{i+1}, which replaces F_S^{i+1} as
 
 Mode ``skip`` is the "+SC" row of Table 7: no similarity attention, F_SSA = F_Fuse.
 
-Each "Conv3x3" is a conv-BatchNorm-ReLU block (the paper does not spell the block out). The
-normalisation matters: step 4 mixes F_Fuse and F_S^{i+1} with per-pixel weights, which is only a
-blend of like-scaled features when F_Fuse is normalised as F_S is (it leaves a decoder BN-ReLU).
-With plain convs the mix turns into a Sim-dependent gain on the injected feature; on the demo
-(random backbone, 300 iterations) that collapsed image AUROC from 0.85 (RD-E) to 0.50, while
-with the normalised blocks the full method reaches 0.85 (bench/results/ablation_cpu.md).
+Every conv, the Conv1x1 of step 1 included, is a conv (no bias) + BatchNorm + ReLU block: the
+paper does not spell the blocks out, and the authors' release builds all of GII's convs this way.
+It matters twice. Step 4 mixes F_Fuse and F_S^{i+1} with per-pixel weights, which is only a blend
+of like-scaled features when F_Fuse is normalised as F_S is (it leaves a decoder BN-ReLU); with
+plain convs the mix turned into a Sim-dependent gain on the injected feature and collapsed the
+random-backbone demo's image AUROC from 0.85 to 0.50 (bench/README.md). And a bare 1x1 conv in
+step 1 followed by step 2's conv collapses into one linear map, adding F_T^i' to F_T^{i+1} on
+unrelated scales.
 """
 
 from __future__ import annotations
@@ -32,9 +34,9 @@ def feature_similarity(teacher: Tensor, student: Tensor) -> Tensor:
         return F.cosine_similarity(teacher.float(), student.float(), dim=1).unsqueeze(1).to(student.dtype)
 
 
-def conv3x3_bn_relu(in_channels: int, out_channels: int) -> nn.Sequential:
+def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
+        nn.Conv2d(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=False), nn.BatchNorm2d(out_channels), nn.ReLU(inplace=True)
     )
 
 
@@ -42,10 +44,10 @@ class GII(nn.Module):
     def __init__(self, low_channels: int, high_channels: int, gated: bool = True) -> None:
         super().__init__()
         self.down = nn.AvgPool2d(2)
-        self.project = nn.Conv2d(low_channels, high_channels, 1)  # step 1
-        self.fuse = conv3x3_bn_relu(high_channels, high_channels)  # step 2
-        self.attend = conv3x3_bn_relu(high_channels, high_channels) if gated else None  # step 4
-        self.merge = conv3x3_bn_relu(2 * high_channels, high_channels)  # step 5
+        self.project = conv_bn_relu(low_channels, high_channels, 1)  # step 1
+        self.fuse = conv_bn_relu(high_channels, high_channels, 3)  # step 2
+        self.attend = conv_bn_relu(high_channels, high_channels, 3) if gated else None  # step 4
+        self.merge = conv_bn_relu(2 * high_channels, high_channels, 3)  # step 5
 
     def forward(self, teacher_low: Tensor, teacher_high: Tensor, student_high: Tensor) -> Tensor:
         # teacher_low: B x C_i x 2H x 2W; teacher_high, student_high: B x C_{i+1} x H x W
