@@ -323,8 +323,7 @@ def _fan_out(root: Path, results: dict[str, CategoryResult], params: Params, rep
         if state.is_failed():
             results[category].error = _error_text(state)
             continue
-        entries = state.result()
-        results[category].ran = entries.pop("__ran__", [])
+        entries, results[category].ran = state.result()
         lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else {"schema": "2.0", "stages": {}}
         lock.setdefault("stages", {}).update(entries)
         lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
@@ -332,8 +331,8 @@ def _fan_out(root: Path, results: dict[str, CategoryResult], params: Params, rep
 
 
 @task(name="fan-out-child")
-def child_run(category: str, repo: str, commit: str, tracking_uri: str, lock: str | None) -> dict[str, Any]:
-    """Run the ``train-category`` deployment for ``category`` and return its lock entries."""
+def child_run(category: str, repo: str, commit: str, tracking_uri: str, lock: str | None) -> tuple[dict[str, Any], list[str]]:
+    """Run the ``train-category`` deployment for ``category``; its lock entries and the stages it ran."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.deployments import run_deployment
@@ -351,8 +350,7 @@ def child_run(category: str, repo: str, commit: str, tracking_uri: str, lock: st
     data = found[0].data
     rows = json.loads(data) if isinstance(data, str) else data
     entries = {row["stage"]: json.loads(row["lock"]) for row in rows}
-    entries["__ran__"] = [row["stage"] for row in rows if row.get("ran")]
-    return entries
+    return entries, [row["stage"] for row in rows if row.get("ran")]
 
 
 def _needs_gpu(params: Params, category: str) -> bool:

@@ -244,17 +244,21 @@ def _record(client, decision: Decision, dataset: str) -> None:
         client.set_model_version_tag(decision.model, decision.candidate_version, key, value)
 
 
-def promote(params: Params, category: str, root: str | Path = ".", version: str | None = None, dry_run: bool = False) -> Decision:
-    """Gate the ``candidate`` (or ``version``) of ``category`` against ``production``; see the module doc."""
+def _registry(params: Params, category: str, root: str | Path):
+    """(repo root, tracking URI, the category's params, its registered model name, a client)."""
     from mlflow import MlflowClient
-
-    from urd.data.manifest import read_manifest
 
     root = Path(root).resolve()
     uri = tracking.configure(root)
     p = params.for_category(category)
-    model = registered_name(p.dataset.name, category)
-    client = MlflowClient()
+    return root, uri, p, registered_name(p.dataset.name, category), MlflowClient()
+
+
+def promote(params: Params, category: str, root: str | Path = ".", version: str | None = None, dry_run: bool = False) -> Decision:
+    """Gate the ``candidate`` (or ``version``) of ``category`` against ``production``; see the module doc."""
+    from urd.data.manifest import read_manifest
+
+    root, uri, p, model, client = _registry(params, category, root)
     candidate = _version(client, model, version, CANDIDATE)
     if candidate is None:
         what = f"version {version}" if version else f"a version with the alias @{CANDIDATE}"
@@ -291,13 +295,7 @@ def promote(params: Params, category: str, root: str | Path = ".", version: str 
 
 def rollback(params: Params, category: str, root: str | Path = ".") -> Decision:
     """Point ``production`` back at the version the current one replaced, and record it."""
-    from mlflow import MlflowClient
-
-    root = Path(root).resolve()
-    uri = tracking.configure(root)
-    p = params.for_category(category)
-    model = registered_name(p.dataset.name, category)
-    client = MlflowClient()
+    root, uri, p, model, client = _registry(params, category, root)
     with serialised(model, uri) as lock:
         current = _version(client, model, None, PRODUCTION)
         if current is None:
