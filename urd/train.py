@@ -56,7 +56,8 @@ def train_step(
     """One step in the order of the authors' release (NOTES.md):
 
     1. expert features of I_n (and I_a for the release term), without gradient;
-    2. teacher step on L_TE, teacher in train mode, on its own optimizer;
+    2. teacher step on L_TE, teacher in train mode (eval mode with ``teacher_batchnorm: frozen``),
+       on its own optimizer;
     3. teacher switched to eval mode, its features recomputed without gradient;
     4. student (bottleneck + decoder + GII) step on L_S, on its own optimizer.
 
@@ -77,7 +78,7 @@ def train_step(
     if optimizers.teacher is not None:
         if anomalous is None or mask is None or expert_normal is None:
             raise ValueError("the teacher step needs the expert, a synthetic anomalous batch and its mask")
-        model.teacher.train()
+        model.teacher.train(model.teacher_batchnorm == "train")
         with autocast:
             teacher_n, teacher_a = model.teacher(normal), model.teacher(anomalous)
         loss_t = teacher_loss(teacher_n, teacher_a, expert_normal, mask, expert_anomalous)

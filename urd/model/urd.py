@@ -57,7 +57,9 @@ class URD(InferenceGraph):
     """Teacher, student and anomaly map, plus the frozen expert used in training only.
 
     With ``expert=True`` the expert is a frozen copy of the teacher's initial weights and the teacher
-    is trained on its own optimizer. With ``expert=False`` the teacher stays frozen, as in RD.
+    is trained on its own optimizer; ``teacher_batchnorm="frozen"`` keeps the teacher's BatchNorm
+    statistics at the backbone's own while it learns (the release lets them follow the batches, which
+    mix synthetic anomalies). With ``expert=False`` the teacher stays frozen, as in RD.
     """
 
     def __init__(
@@ -68,12 +70,16 @@ class URD(InferenceGraph):
         gii: str = "gii",
         image_size: int = 256,
         blur_sigma: float = 4.0,
+        teacher_batchnorm: str = "train",
     ) -> None:
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 (got {image_size})")
         teacher = build_encoder(backbone, weights)
         super().__init__(teacher, Student(backbone, gii), AnomalyMap(image_size, blur_sigma))
         self.backbone = backbone
+        if teacher_batchnorm not in ("train", "frozen"):
+            raise ValueError(f"teacher_batchnorm must be 'train' or 'frozen' (got {teacher_batchnorm!r})")
+        self.teacher_batchnorm = teacher_batchnorm
         self.expert: Encoder | None = None
         if expert:
             self.expert = copy.deepcopy(teacher).requires_grad_(False).eval()
@@ -83,7 +89,7 @@ class URD(InferenceGraph):
     @classmethod
     def from_params(cls, params: Params) -> URD:
         m = params.model
-        return cls(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma)
+        return cls(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma, m.teacher_batchnorm)
 
     @property
     def teacher_trainable(self) -> bool:
@@ -93,7 +99,7 @@ class URD(InferenceGraph):
         super().train(mode)
         if self.expert is not None:
             self.expert.eval()  # the expert's BN statistics never move
-        if not self.teacher_trainable:
+        if not self.teacher_trainable or self.teacher_batchnorm == "frozen":
             self.teacher.eval()
         return self
 
