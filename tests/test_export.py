@@ -10,10 +10,12 @@ from urd.export import METADATA_FILE, OnnxBundle, export_bundle
 from urd.model import URD
 
 
-@pytest.fixture(scope="module", params=["resnet18", "efficientnet_lite0"])
+@pytest.fixture(scope="module", params=[("resnet18", 1), ("efficientnet_lite0", 2)], ids=["resnet18", "lite0-width2"])
 def bundle(tmp_path_factory, request):
+    """resnet18 as RD builds it; lite0 with a student twice as wide (output heads, width read back from model.json)."""
     tmp = tmp_path_factory.mktemp("export")
-    params = parse_params({"dataset": {"image_size": 64}, "model": {"backbone": request.param}})
+    backbone, width = request.param
+    params = parse_params({"dataset": {"image_size": 64}, "model": {"backbone": backbone, "student_width": width}})
     torch.manual_seed(0)
     model = URD.from_params(params)
     for p in model.student.parameters():  # non-trivial student so maps are not constant

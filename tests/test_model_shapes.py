@@ -86,3 +86,49 @@ def test_without_expert_the_teacher_is_frozen():
     model.train()
     assert model.expert is None and not model.teacher.training
     assert list(model.teacher_parameters()) == []
+
+
+def test_teacher_batchnorm_frozen_keeps_statistics_but_trains_the_teacher():
+    torch.manual_seed(0)
+    model = URD("resnet18", image_size=64, teacher_batchnorm="frozen")
+    model.train()
+    assert not model.teacher.training and not model.expert.training
+    assert any(p.requires_grad for p in model.teacher_parameters())
+    before = model.teacher.bn1.running_mean.clone()
+    model.teacher.train(model.teacher_batchnorm == "train")  # what train_step does before the teacher step
+    model.teacher(torch.randn(2, 3, 64, 64) + 3)
+    assert torch.equal(model.teacher.bn1.running_mean, before)
+    with pytest.raises(ValueError, match="teacher_batchnorm"):
+        URD("resnet18", image_size=64, teacher_batchnorm="eval")
+
+
+def test_signed_teacher_features_get_linear_output_heads():
+    """Lite0's features are about half negative; a decoder stage ends in a ReLU, so without a linear
+    head the student could never point the same way as the teacher."""
+    torch.manual_seed(0)
+    lite = URD("efficientnet_lite0", image_size=64).eval()
+    assert lite.student.decoder.heads is not None
+    with torch.no_grad():
+        teacher = lite.teacher(torch.rand(2, 3, 64, 64))
+        student = lite.student(teacher)
+    assert all((f < 0).float().mean() > 0.2 for f in teacher)
+    assert all((f < 0).any() for f in student)
+    resnet = URD("resnet18", image_size=64).eval()
+    assert resnet.student.decoder.heads is None  # RD's mirror, unchanged
+    with torch.no_grad():
+        assert all((f >= 0).all() for f in resnet.student(resnet.teacher(torch.rand(2, 3, 64, 64))))
+
+
+@pytest.mark.parametrize("backbone", ["resnet18", "efficientnet_lite0"])
+def test_wider_student_keeps_the_teacher_shapes(backbone):
+    narrow = URD(backbone, image_size=64).eval()
+    wide = URD(backbone, image_size=64, student_width=2).eval()
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        teacher = wide.teacher(x)
+        embedding = wide.student.bottleneck(teacher)
+        student = wide.student(teacher)
+    assert [f.shape for f in student] == [f.shape for f in teacher]
+    assert embedding.shape[1] == 2 * narrow.student.bottleneck(teacher).shape[1]
+    assert wide.student.decoder.heads is not None
+    assert wide.student.decoder.stage1[0].conv2.out_channels == 2 * teacher[0].shape[1]

@@ -50,6 +50,7 @@ def model_meta(params: Params, category: str) -> dict[str, Any]:
         "architecture": {
             "backbone": m.backbone,
             "gii": m.gii,
+            "student_width": m.student_width,
             "expert_in_training": m.expert,
             "blur_sigma": m.blur_sigma,
         },
@@ -98,7 +99,8 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
     if not weights.is_file():
         raise ModelFileError(f"{weights} not found; the model folder is incomplete. Retrain or copy the whole folder.")
     arch = meta["architecture"]
-    model = URD(arch["backbone"], "none", expert=False, gii=arch["gii"], image_size=meta["preprocessing"]["image_size"], blur_sigma=arch["blur_sigma"])
+    model = URD(arch["backbone"], "none", expert=False, gii=arch["gii"], image_size=meta["preprocessing"]["image_size"],
+                blur_sigma=arch["blur_sigma"], student_width=arch.get("student_width", 1))
     graph = model.inference_graph()
     try:
         graph.load_state_dict(load_file(str(weights)))

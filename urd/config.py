@@ -59,6 +59,10 @@ class ModelParams(_Section):
         "(the authors' release), 'frozen' = they stay the backbone's own (BN in eval mode, affine weights still learn)",
     )
     denoising: bool = Field(True, description="student also reconstructs normal features from synthetic anomalies")
+    student_width: int = Field(
+        1, ge=1, le=8, description="the student's embedding and decoder stages are this many times the teacher's widths "
+        "(1 = RD's mirror); above 1 a linear 1x1 head per scale maps them back to the teacher's widths",
+    )
     gii: GIIMode = Field("gii", description="none = plain RD decoder, skip = fused skip connection, gii = Algorithm 1")
     teacher_synthetic_term: bool = Field(
         False,

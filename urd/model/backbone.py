@@ -144,6 +144,7 @@ class BackboneSpec:
     widths: tuple[int, int, int]  # channels of F^1, F^2, F^3
     decoder_blocks: tuple[int, int, int]  # blocks of student stages S^3, S^2, S^1
     base_width: int  # Bottleneck width per group (128 for the wide nets)
+    signed_features: bool = False  # features can be negative (no ReLU at the end): the student needs output heads
     mean: tuple[float, ...] = IMAGENET_MEAN
     std: tuple[float, ...] = IMAGENET_STD
 
@@ -158,8 +159,9 @@ BACKBONES: dict[str, BackboneSpec] = {
     "resnet50": BackboneSpec(_resnet(models.resnet50), _torchvision("resnet50"), Bottleneck, (256, 512, 1024), (3, 4, 6), 64),
     "wide_resnet50_2": BackboneSpec(_resnet(models.wide_resnet50_2), _torchvision("wide_resnet50_2"), Bottleneck, (256, 512, 1024), (3, 4, 6), 128),
     # The student mirrors the encoder's widths with BasicBlocks, two per stage (as for resnet18).
+    # Its stages end in a linear projection (no activation): signed features.
     "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, packaged_lite0_state_dict, BasicBlock, (24, 40, 112), (2, 2, 2), 64,
-                                       LITE_MEAN, LITE_STD),
+                                       True, LITE_MEAN, LITE_STD),
 }
 TORCHVISION_WEIGHTS = {
     "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,

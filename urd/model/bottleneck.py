@@ -55,13 +55,14 @@ class OCE(nn.Module):
 
 
 class OCBE(nn.Module):
-    """[F^1, F^2, F^3] of the teacher -> compact embedding (512x8x8 for resnet18, 2048x8x8 for wide_resnet50_2 at 256)."""
+    """[F^1, F^2, F^3] of the teacher -> compact embedding (512x8x8 for resnet18, 2048x8x8 for wide_resnet50_2 at 256);
+    ``width`` times as wide for a wider student."""
 
-    def __init__(self, widths: tuple[int, int, int], block: type[BasicBlock] | type[Bottleneck], base_width: int = 64) -> None:
+    def __init__(self, widths: tuple[int, int, int], block: type[BasicBlock] | type[Bottleneck], base_width: int = 64, width: int = 1) -> None:
         super().__init__()
         self.mff = MFF(widths)
         num_blocks = 3 if block is Bottleneck else 2
-        self.oce = OCE(3 * widths[2], 2 * widths[2], block, num_blocks, base_width)
+        self.oce = OCE(3 * widths[2], 2 * width * widths[2], block, num_blocks, base_width)
         self.out_channels = self.oce.out_channels
 
     def forward(self, features: list[Tensor]) -> Tensor:

@@ -3,6 +3,13 @@
 Stage S^3 turns the OCBE embedding (H/32) into F_S^3 (H/16), S^2 gives F_S^2 (H/8), S^1 gives F_S^1
 (H/4); their widths match the teacher's layer3, layer2, layer1. GII modules (mode ``skip`` or
 ``gii``) sit before S^2 and S^1 and feed them the teacher-informed feature instead of F_S^{i+1}.
+
+Output heads (a 1x1 conv with bias, no activation, per scale) turn each stage's output into F_S^i
+when the stage cannot be compared with the teacher as it is: when the teacher's features are
+signed (EfficientNet blocks end in a linear projection, about half their values are negative,
+while a decoder stage ends in a ReLU, so the cosine to the teacher could never reach 1), or when
+the stages are wider than the teacher's (``width`` > 1). A ResNet student of width 1 has none, as
+in RD.
 """
 
 from __future__ import annotations
@@ -79,6 +86,10 @@ def decoder_stage(block: type[DeBasicBlock] | type[DeBottleneck], inplanes: int,
     return nn.Sequential(*layers)
 
 
+def output_head(in_channels: int, out_channels: int) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, kernel_size=1, bias=True)
+
+
 class Decoder(nn.Module):
     def __init__(
         self,
@@ -87,25 +98,40 @@ class Decoder(nn.Module):
         num_blocks: tuple[int, int, int],
         gii: str = "gii",
         base_width: int = 64,
+        width: int = 1,
+        heads: bool = False,
     ) -> None:
+        """``widths``: the teacher's C1, C2, C3; the stages are ``width`` times as wide; ``heads``
+        adds the output heads (forced when ``width`` > 1)."""
         super().__init__()
         if gii not in ("none", "skip", "gii"):
             raise ValueError(f"gii must be 'none', 'skip' or 'gii' (got {gii!r})")
+        if width < 1:
+            raise ValueError(f"width must be >= 1 (got {width})")
         block = DECODER_BLOCKS[encoder_block]
         c1, c2, c3 = widths
-        e = block.expansion  # the stages' widths are the encoder's: planes = width / expansion
-        self.stage3 = decoder_stage(block, 2 * c3, c3 // e, num_blocks[0], base_width)  # OCBE 2*C3 x H/32 -> C3 x H/16
-        self.stage2 = decoder_stage(block, c3, c2 // e, num_blocks[1], base_width)  # -> C2 x H/8
-        self.stage1 = decoder_stage(block, c2, c1 // e, num_blocks[2], base_width)  # -> C1 x H/4
+        w1, w2, w3 = (width * c for c in widths)
+        e = block.expansion  # planes = stage width / expansion
+        self.stage3 = decoder_stage(block, 2 * w3, w3 // e, num_blocks[0], base_width)  # OCBE 2*W3 x H/32 -> W3 x H/16
+        self.stage2 = decoder_stage(block, w3, w2 // e, num_blocks[1], base_width)  # -> W2 x H/8
+        self.stage1 = decoder_stage(block, w2, w1 // e, num_blocks[2], base_width)  # -> W1 x H/4
         if gii == "none":
             self.gii2 = self.gii1 = None
         else:
-            self.gii2 = GII(c2, c3, gated=gii == "gii")  # before S^2
-            self.gii1 = GII(c1, c2, gated=gii == "gii")  # before S^1
+            self.gii2 = GII(c2, c3, gated=gii == "gii", student_channels=w3)  # before S^2
+            self.gii1 = GII(c1, c2, gated=gii == "gii", student_channels=w2)  # before S^1
+        self.heads = None
+        if heads or width > 1:
+            self.heads = nn.ModuleList([output_head(w1, c1), output_head(w2, c2), output_head(w3, c3)])
+
+    def _out(self, scale: int, feature: Tensor) -> Tensor:
+        return feature if self.heads is None else self.heads[scale](feature)
 
     def forward(self, embedding: Tensor, teacher: list[Tensor]) -> list[Tensor]:
         """embedding: OCBE output; teacher: [F_T^1, F_T^2, F_T^3] (used by GII only) -> [F_S^1, F_S^2, F_S^3]."""
-        s3 = self.stage3(embedding)
-        s2 = self.stage2(s3 if self.gii2 is None else self.gii2(teacher[1], teacher[2], s3))
-        s1 = self.stage1(s2 if self.gii1 is None else self.gii1(teacher[0], teacher[1], s2))
-        return [s1, s2, s3]
+        h3 = self.stage3(embedding)
+        s3 = self._out(2, h3)
+        h2 = self.stage2(h3 if self.gii2 is None else self.gii2(teacher[1], teacher[2], h3, s3))
+        s2 = self._out(1, h2)
+        h1 = self.stage1(h2 if self.gii1 is None else self.gii1(teacher[0], teacher[1], h2, s2))
+        return [self._out(0, h1), s2, s3]

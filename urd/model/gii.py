@@ -41,19 +41,25 @@ def conv_bn_relu(in_channels: int, out_channels: int, kernel_size: int) -> nn.Se
 
 
 class GII(nn.Module):
-    def __init__(self, low_channels: int, high_channels: int, gated: bool = True) -> None:
+    """``student_channels`` is the width of the decoder feature that GII rewrites (the teacher's
+    C_{i+1} unless the student is wider, see :class:`~urd.model.decoder.Decoder`)."""
+
+    def __init__(self, low_channels: int, high_channels: int, gated: bool = True, student_channels: int | None = None) -> None:
         super().__init__()
+        width = student_channels or high_channels
         self.down = nn.AvgPool2d(2)
         self.project = conv_bn_relu(low_channels, high_channels, 1)  # step 1
-        self.fuse = conv_bn_relu(high_channels, high_channels, 3)  # step 2
-        self.attend = conv_bn_relu(high_channels, high_channels, 3) if gated else None  # step 4
-        self.merge = conv_bn_relu(2 * high_channels, high_channels, 3)  # step 5
+        self.fuse = conv_bn_relu(high_channels, width, 3)  # step 2
+        self.attend = conv_bn_relu(width, width, 3) if gated else None  # step 4
+        self.merge = conv_bn_relu(2 * width, width, 3)  # step 5
 
-    def forward(self, teacher_low: Tensor, teacher_high: Tensor, student_high: Tensor) -> Tensor:
-        # teacher_low: B x C_i x 2H x 2W; teacher_high, student_high: B x C_{i+1} x H x W
+    def forward(self, teacher_low: Tensor, teacher_high: Tensor, student_high: Tensor, student_out: Tensor | None = None) -> Tensor:
+        """teacher_low: B x C_i x 2H x 2W; teacher_high: B x C_{i+1} x H x W; student_high: the decoder's
+        feature B x C' x H x W; student_out: F_S^{i+1} as compared with the teacher, when the student
+        has an output head (else student_high is F_S^{i+1}). -> B x C' x H x W."""
         fused = self.fuse(self.project(self.down(teacher_low)) + teacher_high)
         if self.attend is not None:
-            sim = feature_similarity(teacher_high, student_high)
+            sim = feature_similarity(teacher_high, student_high if student_out is None else student_out)
             injected = self.attend(fused * sim + student_high * (1 - sim))
         else:
             injected = fused

@@ -22,14 +22,17 @@ from .decoder import Decoder
 class Student(nn.Module):
     """Bottleneck (OCBE) + mirrored decoder with GII: [F_T^1..3] -> [F_S^1..3], same shapes.
 
+    ``width`` scales the embedding and the decoder stages; output heads map them back to the
+    teacher's widths (also added for backbones whose features are signed, see urd/model/decoder.py).
     Every Conv2d starts from ``xavier_normal_`` weights, as in the authors' release (the paper is
     silent; PyTorch's default init gives weights with a 1.7-2.1x smaller std here)."""
 
-    def __init__(self, backbone: str, gii: str = "gii") -> None:
+    def __init__(self, backbone: str, gii: str = "gii", width: int = 1) -> None:
         super().__init__()
         spec = backbone_spec(backbone)
-        self.bottleneck = OCBE(spec.widths, spec.block, spec.base_width)
-        self.decoder = Decoder(spec.block, spec.widths, spec.decoder_blocks, gii=gii, base_width=spec.base_width)
+        self.bottleneck = OCBE(spec.widths, spec.block, spec.base_width, width)
+        self.decoder = Decoder(spec.block, spec.widths, spec.decoder_blocks, gii=gii, base_width=spec.base_width,
+                               width=width, heads=spec.signed_features)
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.xavier_normal_(module.weight)
@@ -71,11 +74,12 @@ class URD(InferenceGraph):
         image_size: int = 256,
         blur_sigma: float = 4.0,
         teacher_batchnorm: str = "train",
+        student_width: int = 1,
     ) -> None:
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 (got {image_size})")
         teacher = build_encoder(backbone, weights)
-        super().__init__(teacher, Student(backbone, gii), AnomalyMap(image_size, blur_sigma))
+        super().__init__(teacher, Student(backbone, gii, student_width), AnomalyMap(image_size, blur_sigma))
         self.backbone = backbone
         if teacher_batchnorm not in ("train", "frozen"):
             raise ValueError(f"teacher_batchnorm must be 'train' or 'frozen' (got {teacher_batchnorm!r})")
@@ -89,7 +93,7 @@ class URD(InferenceGraph):
     @classmethod
     def from_params(cls, params: Params) -> URD:
         m = params.model
-        return cls(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma, m.teacher_batchnorm)
+        return cls(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma, m.teacher_batchnorm, m.student_width)
 
     @property
     def teacher_trainable(self) -> bool:
