@@ -1,10 +1,12 @@
-"""How much of each defect the *random-init* backbone's features can see, with no student at all.
+"""How much of each defect the backbone's features can see, with no student at all.
 
-    python bench/feature_knn.py [--seed 1] [--categories tiles widget] [--image-size 96] [--raw-features] [--name cpu]
+    python bench/feature_knn.py [--seed 1] [--categories tiles widget] [--image-size 96] [--raw-features] [--name cpu] [--data photos]
+
+The backbone and its weights come from the params file (random init for ``weights: none``).
 
 A diagnostic for the demo quality bar, on a development demo (another seed; never the embedded
-default's test split). It builds the backbone exactly as training does for ``weights: none``
-(random weights from ``params.seed``, BatchNorm statistics from up to 64 train images), takes its
+default's test split). It builds the backbone exactly as training does (for ``weights: none``:
+random weights from ``params.seed``, BatchNorm statistics from up to 64 train images), takes its
 three feature maps for every train and test image, and scores each test location by the distance of
 its L2-normalised feature to the nearest train feature at the same scale (a PatchCore-style memory
 bank over all train locations). That is a strong upper reference for "is the defect different in
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dev_demo as dev_demo  # noqa: E402
+from _photo_textures import SOURCES, generate_photo_textures  # noqa: E402
 
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
 from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
@@ -61,15 +64,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dev_demo.add_arguments(parser)
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: params); blur sigma scales with it")
+    parser.add_argument("--data", choices=("demo", "photos"), default="demo", help="photos = crops of real photographs with made defects (bench/_photo_textures.py)")
     parser.add_argument("--raw-features", action="store_true", help="Euclidean distance of the features as they are, not L2-normalised (which the cosine of RD/URD implies)")
     args = dev_demo.parse_args(parser)
     base = load_params(args.params).model_dump()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed))
         size = args.image_size or base["dataset"]["image_size"]
         sigma = base["model"]["blur_sigma"] * size / base["dataset"]["image_size"]
-        overrides = {"dataset": {"root": str(root), "image_size": size}, "model": {"blur_sigma": sigma}}
+        if args.data == "photos":
+            root = generate_photo_textures(Path(tmp) / "dev", seed=args.seed)
+            data = {"name": "mvtec", "root": str(root), "categories": list(SOURCES), "image_size": size}
+        else:
+            data = {"root": str(generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed))), "image_size": size}
+        overrides = {"dataset": data, "model": {"blur_sigma": sigma}}
         params = parse_params(deep_merge(base, overrides), source=args.params)
         for category in args.categories or params.dataset.categories:
             start = time.perf_counter()
@@ -77,8 +85,9 @@ def main() -> None:
             train_paths = manifest.loc[manifest["split"] == "train", "path"].tolist()
             train_images = to_unit(torch.stack([image_tensor(path, size) for path in train_paths]))
             torch.manual_seed(params.seed)  # the same random weights training starts from
-            encoder = build_encoder(params.model.backbone, "none").eval()
-            estimate_batchnorm_statistics(encoder, train_images[:64].split(params.train.batch_size))
+            encoder = build_encoder(params.model.backbone, params.model.weights).eval()
+            if params.model.weights == "none":
+                estimate_batchnorm_statistics(encoder, train_images[:64].split(params.train.batch_size))
 
             val = manifest[manifest["split"] == "val"].reset_index(drop=True)
             val_images = torch.cat([b["image"] for b in eval_loader(EvalDataset(val, size), 16)])
@@ -107,9 +116,11 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row))
 
-    title = (f"Random-init {base['model']['backbone']} features at {size} px{' (raw, not unit length)' if args.raw_features else ''}, "
-             f"nearest train patch (development demo seed {args.seed})")
-    record = {"params": args.params, "dev_seed": args.seed, "image_size": size, "unit_length_features": not args.raw_features}
+    weights = "Random-init" if base["model"]["weights"] == "none" else f"{base['model']['weights']}"
+    data = "photo textures" if args.data == "photos" else "development demo"
+    title = (f"{weights} {base['model']['backbone']} features at {size} px{' (raw, not unit length)' if args.raw_features else ''}, "
+             f"nearest train patch ({data} seed {args.seed})")
+    record = {"params": args.params, "data": args.data, "weights": base["model"]["weights"], "dev_seed": args.seed, "image_size": size, "unit_length_features": not args.raw_features}
     dev_demo.write_results(rows, ("category", "map"), title, f"feature_knn_{args.name}", record)
 
 if __name__ == "__main__":

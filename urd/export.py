@@ -2,6 +2,8 @@
 
     <bundle>/model.onnx             the inference graph (images -> anomaly_map, score), dynamic batch
     <bundle>/model.torchscript      the same graph as TorchScript
+    <bundle>/model.int8.onnx        optional (package.quantize: int8): the ONNX graph with its
+                                    convolutions quantised to int8, calibrated on val normals
     <bundle>/model.safetensors      the weights (for urd.checkpoint.load_model)
     <bundle>/model.json             architecture and preprocessing (as in the model folder)
     <bundle>/metadata.json          everything a user needs to run and trust it: input size, resize
@@ -28,6 +30,7 @@ import torch
 from .checkpoint import MODEL_META, MODEL_WEIGHTS, atomic_write_text, load_model
 
 ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
 TORCHSCRIPT_FILE = "model.torchscript"
 METADATA_FILE = "metadata.json"
 # 2: the graph takes RGB in [0, 1] and normalises inside (1 took inputs normalised outside)
@@ -98,10 +101,48 @@ def export_bundle(
     return out_dir
 
 
-class OnnxBundle:
-    """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores)."""
+class _ImageReader:
+    """onnxruntime's calibration protocol over an N x 3 x S x S float array, in batches."""
 
-    def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None) -> None:
+    def __init__(self, images: np.ndarray, batch_size: int) -> None:
+        self.batches = iter([{"images": np.ascontiguousarray(images[i:i + batch_size], dtype=np.float32)}
+                             for i in range(0, len(images), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.batches, None)
+
+
+def quantize_bundle(bundle_dir: str | Path, calibration_images: np.ndarray, batch_size: int = 8) -> Path:
+    """Write ``model.int8.onnx`` next to the bundle's fp32 graph: ONNX Runtime static quantisation
+    (QDQ, int8 per-channel weights, uint8 activations with min-max ranges) of the teacher's and the
+    student's convolutions, calibrated on ``calibration_images`` (RGB in [0, 1]; the val normals,
+    never the test split). The anomaly map (cosines, upsampling, blur) stays fp32."""
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    bundle_dir = Path(bundle_dir)
+    if len(calibration_images) == 0:
+        raise ValueError("int8 quantisation needs calibration images (the val normals); the val split is empty. "
+                         "Set dataset.val_fraction above 0 or package.quantize: none.")
+    source = bundle_dir / ONNX_FILE
+    convs = [n.name for n in onnx.load(str(source)).graph.node
+             if n.op_type in ("Conv", "ConvTranspose") and not n.name.startswith("/anomaly_map/")]
+    target = bundle_dir / INT8_ONNX_FILE
+    tmp = target.with_name(f".{target.name}.tmp")
+    quantize_static(
+        str(source), str(tmp), _ImageReader(calibration_images, batch_size), quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=["Conv", "ConvTranspose"], nodes_to_quantize=convs, per_channel=True,
+        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax,
+    )
+    tmp.replace(target)
+    return target
+
+
+class OnnxBundle:
+    """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores).
+    ``precision="int8"`` runs the quantised graph (``model.int8.onnx``) instead of the fp32 one."""
+
+    def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None, precision: str = "fp32") -> None:
         import onnxruntime
 
         self.dir = Path(bundle_dir)
@@ -109,7 +150,14 @@ class OnnxBundle:
         if self.metadata.get("format") != BUNDLE_FORMAT:
             raise ValueError(f"{self.dir / METADATA_FILE} is bundle format {self.metadata.get('format')!r}; this urd reads {BUNDLE_FORMAT!r} "
                              "(its graph normalises inside). Re-export the bundle from a model trained with this urd.")
-        self.session = onnxruntime.InferenceSession(str(self.dir / ONNX_FILE), providers=["CPUExecutionProvider"])
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision must be 'fp32' or 'int8' (got {precision!r})")
+        graph = self.dir / (INT8_ONNX_FILE if precision == "int8" else ONNX_FILE)
+        if not graph.is_file():
+            fix = "package it with package.quantize: int8 (or `urd export --int8`)" if precision == "int8" else "re-export it with the onnx format"
+            raise FileNotFoundError(f"{graph} not found: this bundle has no {precision} ONNX graph; {fix}.")
+        self.precision = precision
+        self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
