@@ -93,6 +93,7 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
             "training": metadata.get("training"),
             "urd_version": metadata.get("urd_version"),
             "files": metadata.get("files"),
+            "int8": metadata.get("int8"),
         },
         "intended_use": [
             f"Flag anomalous (defective) images of '{category}' parts photographed like the training images, and localise the defect with the anomaly map.",
@@ -165,6 +166,13 @@ def render_markdown(card: dict[str, Any]) -> str:
         requested = f", train.precision {t['precision_requested']}" if t.get("precision_requested") not in (None, t.get("precision")) else ""
         lines += [f"- Training: {t.get('iterations')} iterations on {t.get('device')} ({t.get('precision')}{requested}), "
                   f"{_fmt(t.get('seconds'))} s, kept iteration {t.get('selected_iteration')} (selection: {t.get('selection')})"]
+    q = d.get("int8")
+    if q:
+        parity = q["parity_on_test"]
+        aurocs = ", ".join(f"{kind} AUROC {_fmt(parity.get(f'fp32_{kind}_auroc'))} -> {_fmt(parity.get(f'int8_{kind}_auroc'))}"
+                           for kind in ("image", "pixel") if f"fp32_{kind}_auroc" in parity)
+        lines += [f"- int8 graph `{d['files'].get('onnx_int8')}` (calibrated on {q['calibration_images']} val normals): on the test split, "
+                  f"image-score Spearman {_fmt(parity['image_score_spearman'])} with fp32; {aurocs} (fp32 -> int8)"]
     lines += ["", "## Intended use", "", *[f"- {x}" for x in card["intended_use"]], "", "## Out-of-scope uses", "",
               *[f"- {x}" for x in card["out_of_scope"]], ""]
     td = card["training_data"]

@@ -211,6 +211,8 @@ def package(params: Params, category: str) -> None:
     with tracking.category_run(out["mlflow_run"]) as run:
         lineage["mlflow_run_id"] = run.info.run_id
         export_bundle(out["model"], out["bundle"], p.package.formats, p.package.onnx_opset, metrics=metrics, lineage=lineage, overwrite=True)
+        if p.package.quantize == "int8":
+            _quantize(out["bundle"], manifest, p.dataset.image_size)
         card_json, card_md = write_model_card(out["bundle"], manifest)
         mlflow.log_artifact(str(card_md), "model_card")
         mlflow.log_artifact(str(card_json), "model_card")
@@ -218,6 +220,25 @@ def package(params: Params, category: str) -> None:
         tags = lineage | data_tags(Path.cwd(), category) | {f"test_{k}": f"{v:.4f}" for k, v in metrics["overall"].items() if isinstance(v, float)}
         version = register_bundle(out["bundle"], p.dataset.name, category, tags, example[0] if example else None)
     print(f"registered {version.name} version {version.version} as @candidate ({tracking.tracking_uri()})")
+
+
+def _quantize(bundle: Path, manifest, image_size: int) -> None:
+    """model.int8.onnx calibrated on the val normals; its parity with fp32 on the test split
+    (reported only) goes into metadata.json, where the model card reads it."""
+    import numpy as np
+
+    from urd.checkpoint import atomic_write_text
+    from urd.data.torch_data import EvalDataset, eval_loader
+    from urd.export import INT8_ONNX_FILE, METADATA_FILE, int8_parity, quantize_bundle
+
+    val = manifest[manifest["split"] == "val"]
+    images = [b["image"].numpy() for b in eval_loader(EvalDataset(val, image_size), 16)]
+    quantize_bundle(bundle, np.concatenate(images) if images else np.zeros((0, 3, image_size, image_size), np.float32))
+    metadata = json.loads((bundle / METADATA_FILE).read_text())
+    metadata["files"]["onnx_int8"] = INT8_ONNX_FILE
+    metadata["int8"] = {"calibration_images": int(len(val)), "calibration_split": "val",
+                        "parity_on_test": int8_parity(bundle, manifest[manifest["split"] == "test"].reset_index(drop=True))}
+    atomic_write_text(bundle / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
 
 
 def summary(params: Params) -> None:

@@ -69,3 +69,34 @@ def test_models_and_bundles_of_the_old_format_are_refused_with_the_fix(bundle, t
         load_model(old / "model")
     with pytest.raises(ValueError, match="Re-export"):
         OnnxBundle(old / "bundle")
+
+
+def test_int8_graph_is_quantised_runs_and_keeps_the_anomaly_map_in_fp32(bundle, tmp_path):
+    import shutil
+
+    import onnx
+
+    from urd.export import INT8_ONNX_FILE, quantize_bundle
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle / "bundle", copy)
+    with pytest.raises(FileNotFoundError, match="quantize"):
+        OnnxBundle(copy, precision="int8")
+    with pytest.raises(ValueError, match="val"):
+        quantize_bundle(copy, np.zeros((0, 3, 64, 64), np.float32))
+    rng = np.random.default_rng(0)
+    quantize_bundle(copy, rng.random((8, 3, 64, 64), dtype=np.float32))
+    graph = onnx.load(str(copy / INT8_ONNX_FILE)).graph
+    producer = {out: n.op_type for n in graph.node for out in n.output}
+    convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    network = [n for n in convs if not n.name.startswith("/anomaly_map/")]
+    blur = [n for n in convs if n.name.startswith("/anomaly_map/")]
+    assert network and blur
+    # QDQ: a quantised conv reads its activation and its weight through DequantizeLinear
+    assert all(producer.get(n.input[0]) == "DequantizeLinear" and producer.get(n.input[1]) == "DequantizeLinear" for n in network)
+    assert all(producer.get(n.input[0]) != "DequantizeLinear" for n in blur)  # the anomaly map stays fp32
+    x = rng.random((3, 3, 64, 64), dtype=np.float32)
+    maps, scores = OnnxBundle(copy, precision="int8")(x)
+    ref_maps, _ = OnnxBundle(copy)(x)
+    assert maps.shape == ref_maps.shape and scores.shape == (3,) and np.isfinite(maps).all()
+    assert not np.array_equal(maps, ref_maps)  # it is another graph, not the fp32 one

@@ -257,3 +257,27 @@ def test_threshold_resolution_caveat_only_when_the_val_split_cannot_resolve_the_
         return [c for c in _caveats({}, counts, {"method": method, "target_fpr": target, "val_images": 40}) if "resolve rates" in c]
     assert len(caveats(0.01)) == 1 and "1/40 = 0.025" in caveats(0.01)[0]
     assert caveats(0.05) == [] and caveats(0.01, method="f1_calibration_set") == []
+
+
+def test_int8_bundle_records_its_parity_and_the_card_shows_it(packaged, tmp_path):
+    from pipeline.stages import _quantize
+    from urd.inference import Predictor
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(packaged / "bundle", bundle)
+    manifest = build_manifest("demo", packaged / "demo", "widget", 0.25)
+    _quantize(bundle, manifest, 64)
+    meta = json.loads((bundle / METADATA_FILE).read_text())
+    q = meta["int8"]
+    assert meta["files"]["onnx_int8"] == "model.int8.onnx" and (bundle / "model.int8.onnx").is_file()
+    assert q["calibration_split"] == "val" and q["calibration_images"] == int((manifest.split == "val").sum())
+    parity = q["parity_on_test"]
+    assert parity["images"] == 9 and -1 <= parity["image_score_spearman"] <= 1
+    # the fp32 figure is the bundle's own: it equals the AUROC of the fp32 graph's scores on the same images
+    from sklearn.metrics import roc_auc_score
+
+    test = manifest[manifest.split == "test"].reset_index(drop=True)
+    _, scores, _ = Predictor(bundle).score_rows(test)
+    assert parity["fp32_image_auroc"] == pytest.approx(roc_auc_score(test["label"], scores))
+    _, card_md = write_model_card(bundle, manifest)
+    assert "int8 graph `model.int8.onnx` (calibrated on" in card_md.read_text() and "image-score Spearman" in card_md.read_text()

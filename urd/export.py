@@ -138,6 +138,39 @@ def quantize_bundle(bundle_dir: str | Path, calibration_images: np.ndarray, batc
     return target
 
 
+def int8_parity(bundle_dir: str | Path, rows, batch_size: int = 16) -> dict[str, Any]:
+    """How far the int8 graph is from the fp32 one on ``rows`` (manifest rows with labels and masks,
+    normally the test split: this is reported, never used to choose anything): Spearman correlation
+    of the image scores, and image / pixel AUROC of both graphs."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import roc_auc_score
+
+    from .data.torch_data import EvalDataset, eval_loader
+
+    graphs = {"fp32": OnnxBundle(bundle_dir), "int8": OnnxBundle(bundle_dir, precision="int8")}
+    size = int(graphs["fp32"].metadata["preprocessing"]["image_size"])
+    scores: dict[str, list[np.ndarray]] = {k: [] for k in graphs}
+    maps: dict[str, list[np.ndarray]] = {k: [] for k in graphs}
+    masks = []
+    for batch in eval_loader(EvalDataset(rows, size), batch_size):
+        for name, graph in graphs.items():
+            m, s = graph(batch["image"].numpy())
+            maps[name].append(m[:, 0])
+            scores[name].append(s)
+        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+    labels = rows["label"].to_numpy().astype(bool)
+    pixels = np.concatenate(masks).ravel()
+    out: dict[str, Any] = {"images": int(len(rows))}
+    score = {k: np.concatenate(v) for k, v in scores.items()}
+    out["image_score_spearman"] = float(spearmanr(score["fp32"], score["int8"]).statistic)
+    for name in graphs:
+        if labels.any() and not labels.all():
+            out[f"{name}_image_auroc"] = float(roc_auc_score(labels, score[name]))
+        if pixels.any() and not pixels.all():
+            out[f"{name}_pixel_auroc"] = float(roc_auc_score(pixels, np.concatenate(maps[name]).ravel()))
+    return out
+
+
 class OnnxBundle:
     """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores).
     ``precision="int8"`` runs the quantised graph (``model.int8.onnx``) instead of the fp32 one."""
@@ -154,7 +187,7 @@ class OnnxBundle:
             raise ValueError(f"precision must be 'fp32' or 'int8' (got {precision!r})")
         graph = self.dir / (INT8_ONNX_FILE if precision == "int8" else ONNX_FILE)
         if not graph.is_file():
-            fix = "package it with package.quantize: int8 (or `urd export --int8`)" if precision == "int8" else "re-export it with the onnx format"
+            fix = "package it with package.quantize: int8 (params.yaml)" if precision == "int8" else "re-export it with the onnx format"
             raise FileNotFoundError(f"{graph} not found: this bundle has no {precision} ONNX graph; {fix}.")
         self.precision = precision
         self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
