@@ -1,11 +1,11 @@
-"""A smaller version of the quality bar: the full method (RD-E + GII) learns to find the demo's
-defects with a random backbone on CPU. The full bar (image AUROC >= 0.85, pixel AUROC >= 0.90 at
-the demo defaults) is measured by `make demo` and reported in the README; this runs in about 3
-minutes.
+"""A smaller version of the quality bar, at the embedded default's model (EfficientNet-Lite0 with
+the packaged ImageNet weights, expert off, GII, synthetic anomalies for the student) on the demo's
+widget, at 64 px and 150 iterations instead of 96 px and 300 (about 1 minute on 2 CPU cores).
 
-The floors are regression guards below what this setting measures on the demo's test split (48 good,
-72 defective images): image AUROC 0.748 with 95% bootstrap interval [0.66, 0.83], pixel AUROC 0.874.
-"Clearly beats chance" is asserted on the interval's lower end, not on the point estimate."""
+The full bar is measured at the demo defaults by `make demo` and reported in the README. The floors
+here are regression guards below what this smaller setting measures on the demo's test split (48
+good, 72 defective images), recorded in FLOORS_FROM; image AUROC is asserted on the lower end of its
+95% bootstrap interval, not on the point estimate."""
 
 import pytest
 import torch
@@ -16,16 +16,17 @@ from urd.data.manifest import build_manifest
 from urd.evaluate import evaluate_model
 from urd.train import train_category
 
-SMALL = {"image_size": 64, "iterations": 200, "blur_sigma": 1.0}  # the paper's sigma 4 at 256 px, scaled
-BAR = {"image_auroc_ci_low": 0.6, "pixel_auroc": 0.85}
+SMALL = {"image_size": 64, "iterations": 150, "blur_sigma": 1.0}  # the paper's sigma 4 at 256 px, scaled
+BAR = {"image_auroc_ci_low": 0.80, "pixel_auroc": 0.93, "pixel_aupro": 0.70}
+FLOORS_FROM = "measured 2026-12-01: image AUROC 0.918 [0.869, 0.960], pixel AUROC 0.963, AUPRO 0.780"
 
 
 @pytest.mark.slow
-def test_full_method_beats_chance_clearly_on_the_demo_widget(tmp_path):
+def test_default_model_finds_the_demo_widget_defects(tmp_path):
     generate_demo(tmp_path / "demo", DemoSpec())
     params = parse_params({
         "dataset": {"root": str(tmp_path / "demo"), "categories": ["widget"], "image_size": SMALL["image_size"]},
-        "model": {"expert": True, "gii": "gii", "weights": "none", "blur_sigma": SMALL["blur_sigma"]},
+        "model": {"backbone": "efficientnet_lite0", "weights": "imagenet", "expert": False, "gii": "gii", "blur_sigma": SMALL["blur_sigma"]},
         "train": {"iterations": SMALL["iterations"], "batch_size": 8, "checkpoint_every": SMALL["iterations"], "num_workers": 0},
         "synthesis": {"foreground": {"widget": "otsu"}},
     })
@@ -35,4 +36,4 @@ def test_full_method_beats_chance_clearly_on_the_demo_widget(tmp_path):
     overall = evaluate_model(tmp_path / "model", manifest, tmp_path / "report", progress=False)["overall"]
     print({k: round(overall[k], 4) for k in ("image_auroc", "image_auroc_ci_low", "image_auroc_ci_high", "pixel_auroc", "pixel_aupro")})
     for key, floor in BAR.items():
-        assert overall[key] >= floor, (key, overall[key])
+        assert overall[key] >= floor, (key, overall[key], FLOORS_FROM)
