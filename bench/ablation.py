@@ -21,8 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
@@ -54,47 +52,50 @@ def main() -> None:
     if args.with_skip:
         variants.insert(4, ("RD-E + SC", True, True, "skip"))
     seeds = args.seeds or [base.seed]
-    rows = []
+    rows: list[dict] = []
+    manifests = {category: ingest_category(base, category, progress=False) for category in categories}
     with tempfile.TemporaryDirectory() as tmp:
-        for category in categories:
-            manifest = ingest_category(base, category, progress=False)
-            for seed in seeds:
+        for seed in seeds:  # seed by seed, so that an interrupted study still has whole seeds
+            for category in categories:
                 for name, expert, denoising, gii in variants:
                     model = base.model.model_copy(update={"expert": expert, "denoising": denoising, "gii": gii})
                     params = base.model_copy(update={"model": model, "seed": seed})
                     out = Path(tmp) / category / str(seed) / name.replace(" ", "_")
                     torch.manual_seed(seed)
-                    summary = train_category(params, category, manifest, out, progress=True)
-                    metrics = evaluate_model(out, manifest, out / "report", progress=False)["overall"]
+                    summary = train_category(params, category, manifests[category], out, progress=True)
+                    metrics = evaluate_model(out, manifests[category], out / "report", progress=False)["overall"]
                     rows.append({"category": category, "variant": name, "seed": seed, "expert": expert, "denoising": denoising, "gii": gii,
                                  "train_seconds": summary["seconds"], **{k: metrics.get(k, float("nan")) for k in METRICS}})
                     print(json.dumps(rows[-1]))
+                    write_results(rows, base, categories, variants, args.name)
+
+
+def write_results(rows: list[dict], base, categories: list[str], variants: list[tuple], name: str) -> None:
+    """The table so far (seeds with every run done), written after each run."""
+    seeds = sorted({r["seed"] for r in rows})
+    complete = [s for s in seeds if sum(r["seed"] == s for r in rows) == len(categories) * len(variants)]
     summary_rows = []
     for category in [*categories, "mean"]:
-        for name, *_ in variants:
-            sel = [r for r in rows if r["variant"] == name and (category == "mean" or r["category"] == category)]
+        for variant, *_ in variants:
+            sel = [r for r in rows if r["variant"] == variant and r["seed"] in complete and (category == "mean" or r["category"] == category)]
+            if not sel:
+                continue
             if category == "mean":  # per seed, the mean over categories; then mean and sd over seeds
-                sel = [{k: float(np.mean([r[k] for r in sel if r["seed"] == s])) for k in METRICS} for s in seeds]
-            summary_rows.append({"category": category, "variant": name}
+                sel = [{k: float(np.mean([r[k] for r in sel if r["seed"] == s])) for k in METRICS} for s in complete]
+            summary_rows.append({"category": category, "variant": variant}
                                 | {k: float(np.mean([r[k] for r in sel])) for k in METRICS}
                                 | {f"{k}_sd": float(np.std([r[k] for r in sel], ddof=1)) if len(sel) > 1 else 0.0 for k in METRICS})
-
     title = (f"Ablation on the demo ({base.train.iterations} iterations, {base.model.backbone} weights={base.model.weights}, "
-             f"teacher_batchnorm={base.model.teacher_batchnorm}, {base.dataset.image_size}px, seeds {seeds}; mean ± sd over seeds)")
-    table = Table(title=title)
-    for col in ("category", "variant", "I-AUROC", "I-AP", "P-AUROC", "P-AP", "AUPRO@0.3"):
-        table.add_column(col, justify="right")
+             f"teacher_batchnorm={base.model.teacher_batchnorm}, {base.dataset.image_size}px, seeds {complete}; mean ± sd over seeds)")
     lines = [title, "", "| category | variant | I-AUROC | I-AP | P-AUROC | P-AP | AUPRO@0.3 |", "|---|---|---|---|---|---|---|"]
     for r in summary_rows:
-        values = [f"{100 * r[k]:.1f} ± {100 * r[k + '_sd']:.1f}" if len(seeds) > 1 else f"{100 * r[k]:.1f}" for k in METRICS]
-        table.add_row(r["category"], r["variant"], *values)
+        values = [f"{100 * r[k]:.1f} ± {100 * r[k + '_sd']:.1f}" if len(complete) > 1 else f"{100 * r[k]:.1f}" for k in METRICS]
         lines.append(f"| {r['category']} | {r['variant']} | " + " | ".join(values) + " |")
-    Console(width=160).print(table)
+    print("\n".join(lines))
     out = Path(__file__).resolve().parent / "results"
-    record = {"machine": machine(), "params": base.model_dump(), "seeds": seeds, "rows": rows, "summary": summary_rows}
-    (out / f"ablation_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
-    (out / f"ablation_{args.name}.md").write_text("\n".join(lines) + "\n")
-    print(f"wrote {out / f'ablation_{args.name}.json'}")
+    record = {"machine": machine(), "params": base.model_dump(), "complete_seeds": complete, "rows": rows, "summary": summary_rows}
+    (out / f"ablation_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
+    (out / f"ablation_{name}.md").write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ def test_models_and_bundles_of_the_old_format_are_refused_with_the_fix(bundle, t
         OnnxBundle(old / "bundle")
 
 
-def test_int8_graph_is_quantised_runs_and_keeps_the_anomaly_map_in_fp32(bundle, tmp_path):
+def test_int8_graph_quantises_the_student_and_keeps_teacher_and_anomaly_map_in_fp32(bundle, tmp_path):
     import shutil
 
     import onnx
@@ -89,12 +89,12 @@ def test_int8_graph_is_quantised_runs_and_keeps_the_anomaly_map_in_fp32(bundle, 
     graph = onnx.load(str(copy / INT8_ONNX_FILE)).graph
     producer = {out: n.op_type for n in graph.node for out in n.output}
     convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
-    network = [n for n in convs if not n.name.startswith("/anomaly_map/")]
-    blur = [n for n in convs if n.name.startswith("/anomaly_map/")]
-    assert network and blur
+    student = [n for n in convs if n.name.startswith("/student/")]
+    fp32 = [n for n in convs if n.name.startswith(("/teacher/", "/anomaly_map/"))]
+    assert student and fp32 and len(student) + len(fp32) == len(convs)
     # QDQ: a quantised conv reads its activation and its weight through DequantizeLinear
-    assert all(producer.get(n.input[0]) == "DequantizeLinear" and producer.get(n.input[1]) == "DequantizeLinear" for n in network)
-    assert all(producer.get(n.input[0]) != "DequantizeLinear" for n in blur)  # the anomaly map stays fp32
+    assert all(producer.get(n.input[0]) == "DequantizeLinear" and producer.get(n.input[1]) == "DequantizeLinear" for n in student)
+    assert all(producer.get(n.input[1]) != "DequantizeLinear" for n in fp32)  # teacher and anomaly map stay fp32
     x = rng.random((3, 3, 64, 64), dtype=np.float32)
     maps, scores = OnnxBundle(copy, precision="int8")(x)
     ref_maps, _ = OnnxBundle(copy)(x)

@@ -150,8 +150,8 @@ class PackageParams(_Section):
     formats: list[Literal["torchscript", "onnx"]] = Field(default_factory=lambda: ["torchscript", "onnx"])
     onnx_opset: int = Field(17, ge=13)
     quantize: Literal["none", "int8"] = Field(
-        "none", description="int8 = also write model.int8.onnx (ONNX Runtime static quantisation of the convolutions, calibrated on "
-        "the val normals) with its parity to the fp32 graph in metadata.json and the model card",
+        "none", description="int8 = also write model.int8.onnx (ONNX Runtime static quantisation of the student's convolutions, calibrated on "
+        "the val normals; the teacher and the anomaly map stay fp32) with its parity to the fp32 graph in metadata.json and the model card",
     )
 
 
