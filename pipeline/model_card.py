@@ -29,6 +29,16 @@ def registered_name(dataset: str, category: str) -> str:
     return f"urd-{dataset}-{category}"
 
 
+def _method(arch: dict[str, Any]) -> str:
+    """What was trained, in words: the full URD, or the variant params chose (expert off, no GII)."""
+    paper = "URD (Unlocking the Potential of Reverse Distillation, AAAI 2025)"
+    gii = {"gii": "Guided Information Injection", "skip": "a fused skip connection (no GII gating)", "none": "the plain RD decoder"}
+    decoder = gii.get(arch.get("gii"), str(arch.get("gii")))
+    if arch.get("expert_in_training", True):
+        return f"{paper}: Expert-Teacher-Student reverse distillation with {decoder}"
+    return f"{paper} with the expert off: reverse distillation from the frozen pretrained teacher, student with {decoder}"
+
+
 def _caveats(metadata: dict[str, Any], counts: dict[str, Any], thresholds: dict[str, Any]) -> list[str]:
     caveats = []
     if metadata.get("weights_source") == "none":
@@ -84,7 +94,7 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
     return {
         "model_details": {
             "name": name,
-            "method": "URD (Unlocking the Potential of Reverse Distillation, AAAI 2025): Expert-Teacher-Student reverse distillation with Guided Information Injection",
+            "method": _method(metadata.get("architecture") or {}),
             "category": category,
             "dataset": dataset,
             "architecture": metadata.get("architecture"),

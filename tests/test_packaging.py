@@ -281,3 +281,12 @@ def test_int8_bundle_records_its_parity_and_the_card_shows_it(packaged, tmp_path
     assert parity["fp32_image_auroc"] == pytest.approx(roc_auc_score(test["label"], scores))
     _, card_md = write_model_card(bundle, manifest)
     assert "int8 graph `model.int8.onnx` (calibrated on" in card_md.read_text() and "image-score Spearman" in card_md.read_text()
+
+
+def test_model_card_names_the_variant_that_was_trained(packaged):
+    meta = json.loads((packaged / "bundle" / METADATA_FILE).read_text())
+    manifest = build_manifest("demo", packaged / "demo", "widget", 0.25)
+    full = build_card(meta | {"architecture": meta["architecture"] | {"expert_in_training": True, "gii": "gii"}}, manifest)
+    assert "Expert-Teacher-Student" in full["model_details"]["method"] and "Guided Information Injection" in full["model_details"]["method"]
+    off = build_card(meta | {"architecture": meta["architecture"] | {"expert_in_training": False, "gii": "none"}}, manifest)
+    assert "expert off" in off["model_details"]["method"] and "plain RD decoder" in off["model_details"]["method"]
