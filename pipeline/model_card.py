@@ -43,8 +43,8 @@ def _caveats(metadata: dict[str, Any], counts: dict[str, Any], thresholds: dict[
     caveats = []
     if metadata.get("weights_source") == "none":
         caveats.append(
-            "WARNING: the backbone (teacher/expert encoder) was RANDOMLY INITIALISED, not pretrained. This is the offline demo "
-            "setting; scores are far weaker than the paper's. Do not use this model on a production line; retrain with "
+            "WARNING: the backbone (teacher/expert encoder) was RANDOMLY INITIALISED, not pretrained (model.weights: none, "
+            "for tests only); scores are far weaker than the paper's. Do not use this model on a production line; retrain with "
             "model.weights: imagenet."
         )
     training = metadata.get("training") or {}
