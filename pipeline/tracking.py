@@ -53,15 +53,25 @@ def configure(root: str | Path | None = None) -> str:
 
 
 def experiment_id(name: str, root: str | Path | None = None) -> str:
-    """The experiment ``name``, created on first use (artifacts beside the SQLite file by default)."""
+    """The experiment ``name``, created on first use (artifacts beside the SQLite file by default).
+
+    Safe when several processes start at once (fan-out children training two categories on one
+    server): the one that loses the race to create it reads the winner's."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     client = MlflowClient()
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     location = None if os.environ.get("MLFLOW_TRACKING_URI") else (repo_root(root) / ARTIFACTS_DIR / name).as_uri()
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        found = client.get_experiment_by_name(name)
+        if found is None or "ALREADY_EXISTS" not in str(exc.error_code) + str(exc):
+            raise
+        return found.experiment_id
 
 
 def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:

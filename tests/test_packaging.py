@@ -290,3 +290,27 @@ def test_model_card_names_the_variant_that_was_trained(packaged):
     assert "Expert-Teacher-Student" in full["model_details"]["method"] and "Guided Information Injection" in full["model_details"]["method"]
     off = build_card(meta | {"architecture": meta["architecture"] | {"expert_in_training": False, "gii": "none"}}, manifest)
     assert "expert off" in off["model_details"]["method"] and "plain RD decoder" in off["model_details"]["method"]
+
+
+def test_experiment_created_by_another_process_in_between_is_reused(tmp_path, monkeypatch):
+    """Two fan-out children on one MLflow server both find no experiment and both create it: the
+    loser of that race must read the winner's, not fail its training stage."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    winner = MlflowClient().create_experiment("urd-demo")
+    real = MlflowClient.get_experiment_by_name
+    calls = []
+
+    def first_sees_nothing(self, name):
+        calls.append(name)
+        return None if len(calls) == 1 else real(self, name)
+
+    monkeypatch.setattr(MlflowClient, "get_experiment_by_name", first_sees_nothing)
+    assert tracking.experiment_id("urd-demo", tmp_path) == winner and len(calls) == 2
+    monkeypatch.setattr(MlflowClient, "create_experiment", lambda self, *a, **k: (_ for _ in ()).throw(RuntimeError("disk full")))
+    calls.clear()
+    with pytest.raises(RuntimeError, match="disk full"):  # anything but "already exists" still fails
+        tracking.experiment_id("urd-other", tmp_path)
