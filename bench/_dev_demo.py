@@ -25,6 +25,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--categories", nargs="*", default=None)
     parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
     parser.add_argument("--name", default="cpu")
+    parser.add_argument("--data", choices=("demo", "photos"), default="demo",
+                        help="demo = the demo generator with --seed; photos = crops of real photographs with made defects (bench/_photo_textures.py)")
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -32,6 +34,19 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
     if args.seed == 0:
         parser.error("seed 0 is the embedded default whose test split is for reporting; pick another seed")
     return args
+
+
+def generate_data(kind: str, folder: Path, seed: int, train: int | None = None) -> dict:
+    """Write the development data (``demo`` with another seed, or ``photos``) under ``folder`` and
+    return the ``dataset`` params that point at it."""
+    from _photo_textures import SOURCES, generate_photo_textures
+
+    from urd.data.demo import DemoSpec, generate_demo
+
+    if kind == "photos":
+        root = generate_photo_textures(folder, seed=seed, **({"train": train} if train else {}))
+        return {"name": "mvtec", "root": str(root), "categories": list(SOURCES)}
+    return {"root": str(generate_demo(folder, DemoSpec(seed=seed, **({"train": train} if train else {}))))}
 
 
 def summarize(metrics: dict) -> dict:

@@ -28,11 +28,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dev_demo as dev_demo  # noqa: E402
-from _photo_textures import SOURCES, generate_photo_textures  # noqa: E402
 
 from urd.checkpoint import load_model  # noqa: E402
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
-from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
+from urd.data.demo import DemoSpec  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
 from urd.data.torch_data import EvalDataset, eval_loader  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
@@ -60,18 +59,11 @@ def main() -> None:
     dev_demo.add_arguments(parser)
     parser.add_argument("--train-images", type=int, default=DemoSpec.train, help="good train images per category in the development demo (the test split stays the same images)")
     parser.add_argument("--sigmas", nargs="*", type=float, default=[])
-    parser.add_argument("--data", choices=("demo", "photos"), default="demo",
-                        help="demo = the demo generator with --seed; photos = crops of real photographs with made defects (bench/_photo_textures.py)")
     args = dev_demo.parse_args(parser)
     base = load_params(args.params).model_dump()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        if args.data == "photos":
-            root = generate_photo_textures(Path(tmp) / "dev", seed=args.seed, train=args.train_images)
-            data = {"name": "mvtec", "root": str(root), "categories": list(SOURCES)}
-        else:
-            root = generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed, train=args.train_images))
-            data = {"root": str(root)}
+        data = dev_demo.generate_data(args.data, Path(tmp) / "dev", args.seed, args.train_images)
         for name, overrides in args.variant:
             raw = deep_merge(deep_merge(base, json.loads(overrides)), {"dataset": data})
             params = parse_params(raw, source=f"variant {name}")

@@ -34,10 +34,8 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _dev_demo as dev_demo  # noqa: E402
-from _photo_textures import SOURCES, generate_photo_textures  # noqa: E402
 
 from urd.config import deep_merge, load_params, parse_params  # noqa: E402
-from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
 from urd.data.torch_data import EvalDataset, eval_loader, image_tensor, to_unit  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
@@ -64,7 +62,6 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     dev_demo.add_arguments(parser)
     parser.add_argument("--image-size", type=int, default=None, help="input size (default: params); blur sigma scales with it")
-    parser.add_argument("--data", choices=("demo", "photos"), default="demo", help="photos = crops of real photographs with made defects (bench/_photo_textures.py)")
     parser.add_argument("--raw-features", action="store_true", help="Euclidean distance of the features as they are, not L2-normalised (which the cosine of RD/URD implies)")
     args = dev_demo.parse_args(parser)
     base = load_params(args.params).model_dump()
@@ -72,11 +69,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         size = args.image_size or base["dataset"]["image_size"]
         sigma = base["model"]["blur_sigma"] * size / base["dataset"]["image_size"]
-        if args.data == "photos":
-            root = generate_photo_textures(Path(tmp) / "dev", seed=args.seed)
-            data = {"name": "mvtec", "root": str(root), "categories": list(SOURCES), "image_size": size}
-        else:
-            data = {"root": str(generate_demo(Path(tmp) / "dev", DemoSpec(seed=args.seed))), "image_size": size}
+        data = dev_demo.generate_data(args.data, Path(tmp) / "dev", args.seed) | {"image_size": size}
         overrides = {"dataset": data, "model": {"blur_sigma": sigma}}
         params = parse_params(deep_merge(base, overrides), source=args.params)
         for category in args.categories or params.dataset.categories:

@@ -44,8 +44,9 @@ def median_ms(fn, repeats: int) -> float:
     return 1000 * statistics.median(times)
 
 
-def absolute(rows, run_dir: Path):
-    rows = rows.copy()
+def run_manifest(run_dir: Path, category: str):
+    """The validated manifest of a `dvc repro` folder, its relative paths made absolute."""
+    rows = read_manifest(run_dir / "data" / "validated" / f"{category}.csv")
     for col in ("path", "mask_path"):
         rows[col] = [str(run_dir / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p for p in rows[col]]
     return rows
@@ -61,7 +62,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for category in params.dataset.categories:
-            manifest = absolute(read_manifest(args.run_dir / "data" / "validated" / f"{category}.csv"), args.run_dir)
+            manifest = run_manifest(args.run_dir, category)
             bundle = Path(tmp) / category
             shutil.copytree(args.run_dir / "bundles" / category, bundle)
             start = time.perf_counter()

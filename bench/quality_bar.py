@@ -22,9 +22,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
+from int8_bundle import run_manifest  # noqa: E402
 
 from urd.config import load_params  # noqa: E402
-from urd.data.manifest import read_manifest  # noqa: E402
 from urd.inference import Predictor  # noqa: E402
 from urd.metrics import image_metrics, pixel_metrics  # noqa: E402
 
@@ -44,10 +44,8 @@ def main() -> None:
     params = load_params(args.run_dir / "params.yaml")
     rows = []
     for category in params.dataset.categories:
-        manifest = read_manifest(args.run_dir / "data" / "validated" / f"{category}.csv")
+        manifest = run_manifest(args.run_dir, category)
         test = manifest[manifest["split"] == "test"].reset_index(drop=True)
-        test["path"] = [str(args.run_dir / p) if not Path(p).is_absolute() else p for p in test["path"]]
-        test["mask_path"] = [str(args.run_dir / p) if isinstance(p, str) and p and not Path(p).is_absolute() else p for p in test["mask_path"]]
         maps, scores, masks = Predictor(args.run_dir / "bundles" / category).score_rows(test)
         labels = test["label"].to_numpy().astype(bool)
         point = {"image_auroc": image_metrics(labels, scores)["image_auroc"], **pixel_metrics(maps, masks)}
