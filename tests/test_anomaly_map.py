@@ -51,3 +51,14 @@ def test_map_is_sum_of_three_scales_before_blur():
         total = total + torch.nn.functional.interpolate(d, size=(64, 64), mode="bilinear", align_corners=True)
     torch.testing.assert_close(unblurred, total)
     assert unblurred.max() <= 3.0 + 1e-6
+
+
+def test_map_stays_fp32_under_bf16_autocast():
+    t = _teacher(64)
+    s = [x + 0.3 * torch.rand_like(x) for x in t]
+    bf16 = [x.bfloat16() for x in t], [x.bfloat16() for x in s]  # what a bf16 network hands over
+    reference = AnomalyMap(64, sigma=2.0)(*[[x.float() for x in group] for group in bf16])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        amap = AnomalyMap(64, sigma=2.0)(*bf16)
+    assert amap.dtype == torch.float32  # the blur's convolutions would run in bf16 under autocast otherwise
+    assert torch.allclose(amap, reference, atol=1e-6)

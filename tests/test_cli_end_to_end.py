@@ -78,14 +78,20 @@ def test_calibrate_evaluate_predict(trained):
     assert (trained / "pred" / good_rows["overlay"].iloc[0]).is_file()
     # the scores equal those of the evaluate stage for the same (resized) images? not the same
     # pixels after JPEG; instead predict the test files themselves and compare with scores.csv
+    # (evaluate runs fp32, as the deployed ONNX bundle does; predict's default precision is auto,
+    # bf16 on a CPU that computes it natively: the same scores to within bf16's rounding)
     files = sorted(str(p) for p in (trained / "demo" / "widget" / "test" / "scratch").iterdir())
-    result = runner.invoke(app, ["predict", *files, "--model", model, "--out", str(trained / "pred2")])
-    assert result.exit_code == 0, result.output
-    predicted = pd.read_csv(trained / "pred2" / "predictions.csv").set_index("path")["score"]
     evaluated = pd.read_csv(trained / "report" / "scores.csv").set_index("path")["score"]
-    for f in files:
-        assert predicted[f] == pytest.approx(evaluated[f], rel=1e-5)
-    refused = runner.invoke(app, ["predict", *files, "--model", model, "--out", str(trained / "pred2")])
+    for precision, tolerance in (("fp32", 1e-5), ("auto", 2e-2)):
+        out = trained / f"pred_{precision}"
+        result = runner.invoke(app, ["predict", *files, "--model", model, "--out", str(out), "--precision", precision])
+        assert result.exit_code == 0, result.output
+        predicted = pd.read_csv(out / "predictions.csv").set_index("path")["score"]
+        for f in files:
+            assert predicted[f] == pytest.approx(evaluated[f], rel=tolerance)
+    wrong = runner.invoke(app, ["predict", *files, "--model", model, "--out", str(trained / "pred_int8"), "--precision", "int8"])
+    assert wrong.exit_code == 2 and "package.quantize: int8" in wrong.output
+    refused = runner.invoke(app, ["predict", *files, "--model", model, "--out", str(trained / "pred_fp32")])
     assert refused.exit_code == 2 and "--overwrite" in refused.output
 
 

@@ -45,6 +45,33 @@ def test_predict_with_the_bundle_reproduces_the_evaluate_scores(packaged):
     assert (predicted["is_anomalous"] == (predicted["score"] >= calibration["image_threshold"])).all()
 
 
+def test_predictor_precision_per_model_kind(packaged, monkeypatch):
+    import numpy as np
+
+    import urd.train as train
+    from urd.inference import Predictor
+
+    files = pd.read_csv(packaged / "report" / "scores.csv")["path"].tolist()
+    fp32 = Predictor(packaged / "model", precision="fp32")
+    bf16 = Predictor(packaged / "model", precision="bf16")
+    assert (fp32.precision, bf16.precision) == ("fp32", "bf16")
+    scores32 = np.array([r.score for r in fp32.predict(files)])
+    scores16 = np.array([r.score for r in bf16.predict(files)])
+    assert not np.array_equal(scores32, scores16)  # bf16 did run
+    np.testing.assert_allclose(scores16, scores32, rtol=2e-2)
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2"})
+    assert Predictor(packaged / "model").precision == "fp32"
+    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    assert Predictor(packaged / "model").precision == "bf16"
+    assert Predictor(packaged / "bundle").precision == "fp32"  # ONNX Runtime runs the fp32 graph unless int8 is asked for
+    with pytest.raises(ValueError, match="int8"):
+        Predictor(packaged / "model", precision="int8")
+    with pytest.raises(ValueError, match="auto, fp32 or int8"):
+        Predictor(packaged / "bundle", precision="bf16")
+    with pytest.raises(FileNotFoundError, match="package.quantize: int8"):
+        Predictor(packaged / "bundle", precision="int8")
+
+
 def test_thresholds_edited_in_metadata_take_effect(packaged):
     from urd.inference import Predictor
 

@@ -101,3 +101,17 @@ def test_precision_auto_is_bf16_only_where_the_hardware_runs_it(monkeypatch):
     assert isinstance(train.autocast_for(cpu, "auto")(), torch.autocast)
     monkeypatch.setattr(train, "cpu_flags", lambda: set())
     assert not isinstance(train.autocast_for(cpu, "auto")(), torch.autocast)
+
+
+def test_num_workers_auto_leaves_small_machines_the_cores(monkeypatch):
+    import urd.train as train
+    from urd.config import parse_params
+
+    monkeypatch.setattr(train, "usable_cores", lambda: 2)
+    assert train.resolve_num_workers("auto") == 0  # 2 cores: the loop was fastest without workers
+    monkeypatch.setattr(train, "usable_cores", lambda: 16)
+    assert train.resolve_num_workers("auto") == 4 and train.resolve_num_workers(1) == 1
+    assert parse_params({}).train.num_workers == "auto" and parse_params({"train": {"num_workers": 3}}).train.num_workers == 3
+    for bad in (-1, "many"):
+        with pytest.raises(ValueError, match="num_workers"):
+            parse_params({"train": {"num_workers": bad}})

@@ -170,6 +170,10 @@ def predict(
     out: Path = typer.Option(Path("predictions"), help="output folder"),
     overwrite: bool = typer.Option(False, help="write into an existing output folder"),
     batch_size: int = typer.Option(8, help="images per forward pass"),
+    precision: str = typer.Option(
+        "auto", help="model folder: auto (bf16 where the CPU/GPU computes it natively, else fp32), fp32 or bf16; "
+        "bundle: auto/fp32 or int8 (its quantised graph)",
+    ),
 ) -> None:
     """Score images: predictions.csv/.json (score, normalised score, decision), overlays and defect masks."""
     from .checkpoint import ModelFileError
@@ -178,8 +182,8 @@ def predict(
     if out.exists() and any(out.iterdir()) and not overwrite:
         _fail(f"{out} is not empty; pass --overwrite to write into it or choose another --out.")
     try:
-        predictor = Predictor(model)
-    except ModelFileError as exc:
+        predictor = Predictor(model, precision=precision)
+    except (ModelFileError, ValueError, FileNotFoundError) as exc:
         _fail(str(exc))
     paths = expand_inputs(inputs)
     if not paths:
@@ -188,7 +192,7 @@ def predict(
     predictor.write_outputs(results, out)
     failed = [r for r in results if r.error]
     flagged = sum(1 for r in results if r.is_anomalous)
-    console.print(f"{len(results) - len(failed)} images scored, {flagged} flagged as anomalous -> {out / 'predictions.csv'}")
+    console.print(f"{len(results) - len(failed)} images scored ({predictor.precision}), {flagged} flagged as anomalous -> {out / 'predictions.csv'}")
     if predictor.calibration is None:
         console.print("[yellow]note:[/] the model is not calibrated (`urd calibrate`): no decisions or masks, raw scores only.")
     for r in failed:

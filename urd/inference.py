@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,21 +51,38 @@ class Predictor:
     * a model folder (model.safetensors + model.json [+ calibration.json]): eager PyTorch, or
     * an exported bundle (metadata.json + model.onnx, see urd.export): ONNX Runtime, with the
       thresholds read from metadata.json (so a user's edits there take effect).
+
+    ``precision``: for eager PyTorch ``auto`` (bf16 autocast where the device computes bf16
+    natively, as in training; fp32 elsewhere), ``fp32`` or ``bf16``; for a bundle ``auto`` / ``fp32``
+    (the fp32 graph) or ``int8`` (its quantised graph). The anomaly map is fp32 in every case.
+    ``self.precision`` says what runs.
     """
 
-    def __init__(self, model_dir: str | Path, device: str = "cpu") -> None:
+    def __init__(self, model_dir: str | Path, device: str = "cpu", precision: str = "auto") -> None:
         from .export import METADATA_FILE, OnnxBundle
+        from .train import autocast_for, resolve_precision
 
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
         self.bundle: OnnxBundle | None = None
+        self.autocast = contextlib.nullcontext
         metadata_file = self.model_dir / METADATA_FILE
         metadata = json.loads(metadata_file.read_text()) if metadata_file.is_file() else None
         if metadata is not None and metadata["files"].get("onnx"):
-            self.bundle = OnnxBundle(self.model_dir, metadata)
+            if precision not in ("auto", "fp32", "int8"):
+                raise ValueError(f"precision {precision!r} is not available for an ONNX bundle ({self.model_dir}); use auto, fp32 or int8")
+            self.precision = "int8" if precision == "int8" else "fp32"
+            self.bundle = OnnxBundle(self.model_dir, metadata, precision=self.precision)
             self.meta = metadata
         else:  # a model folder, or a bundle without ONNX (it holds the weights too)
+            if precision not in ("auto", "fp32", "bf16"):
+                raise ValueError(f"precision {precision!r} is not available for eager PyTorch ({self.model_dir}); use auto, fp32 or bf16 "
+                                 "(int8 needs a bundle packaged with package.quantize: int8)")
+            self.precision = resolve_precision(precision, self.device)
+            self.autocast = autocast_for(self.device, self.precision)
             self.graph, self.meta = load_model(self.model_dir, self.device)
+            # channels_last: 1.2-1.6x faster on CPU at every size and batch measured (bench/results/bundle_latency_cpu.md)
+            self.graph = self.graph.to(memory_format=torch.channels_last)
         if metadata is not None:
             self.calibration = metadata.get("thresholds")
         else:
@@ -78,7 +96,8 @@ class Predictor:
         if self.bundle is not None:
             maps, scores = self.bundle(images.numpy())
             return maps[:, 0], scores
-        maps, scores = self.graph(images.to(self.device))
+        with self.autocast():
+            maps, scores = self.graph(images.to(self.device, memory_format=torch.channels_last))
         return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
 
     def score_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:

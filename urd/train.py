@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import json
 import math
+import os
 import time
 import warnings
 from dataclasses import dataclass
@@ -44,6 +45,12 @@ def make_optimizers(model: URD, train: TrainParams) -> Optimizers:
     return Optimizers(teacher, student)
 
 
+def phase(name: str) -> torch.profiler.record_function:
+    """A named range of the training iteration (``urd.<name>``) for torch.profiler; free when no
+    profiler runs. bench/train_profile.py reads them to say where an iteration's time goes."""
+    return torch.profiler.record_function(f"urd.{name}")
+
+
 def train_step(
     model: URD,
     optimizers: Optimizers,
@@ -70,7 +77,7 @@ def train_step(
 
     expert_normal = expert_anomalous = None
     if model.expert is not None:
-        with torch.no_grad(), autocast:
+        with phase("expert"), torch.no_grad(), autocast:
             expert_normal = model.expert(normal)
             if teacher_synthetic_term:
                 expert_anomalous = model.expert(anomalous)
@@ -79,26 +86,32 @@ def train_step(
         if anomalous is None or mask is None or expert_normal is None:
             raise ValueError("the teacher step needs the expert, a synthetic anomalous batch and its mask")
         model.teacher.train(model.teacher_batchnorm == "train")
-        with autocast:
-            teacher_n, teacher_a = model.teacher(normal), model.teacher(anomalous)
-        loss_t = teacher_loss(teacher_n, teacher_a, expert_normal, mask, expert_anomalous)
-        optimizers.teacher.zero_grad(set_to_none=True)
-        loss_t.backward()
-        optimizers.teacher.step()
+        with phase("teacher_forward"):
+            with autocast:
+                teacher_n, teacher_a = model.teacher(normal), model.teacher(anomalous)
+            loss_t = teacher_loss(teacher_n, teacher_a, expert_normal, mask, expert_anomalous)
+        with phase("teacher_backward"):
+            optimizers.teacher.zero_grad(set_to_none=True)
+            loss_t.backward()
+        with phase("optimizer"):
+            optimizers.teacher.step()
         losses["teacher"] = loss_t.item()
 
     model.teacher.eval()
-    with torch.no_grad(), autocast:
+    with phase("teacher_features"), torch.no_grad(), autocast:
         teacher_normal = [f.detach() for f in model.teacher(normal)]
         teacher_anomalous = None if anomalous is None else [f.detach() for f in model.teacher(anomalous)]
 
-    with autocast:
-        student_normal = model.student(teacher_normal)
-        student_anomalous = None if teacher_anomalous is None else model.student(teacher_anomalous)
-    loss_s = student_loss(student_normal, student_anomalous, teacher_normal, expert_normal)
-    optimizers.student.zero_grad(set_to_none=True)
-    loss_s.backward()
-    optimizers.student.step()
+    with phase("student_forward"):
+        with autocast:
+            student_normal = model.student(teacher_normal)
+            student_anomalous = None if teacher_anomalous is None else model.student(teacher_anomalous)
+        loss_s = student_loss(student_normal, student_anomalous, teacher_normal, expert_normal)
+    with phase("student_backward"):
+        optimizers.student.zero_grad(set_to_none=True)
+        loss_s.backward()
+    with phase("optimizer"):
+        optimizers.student.step()
     losses["student"] = loss_s.item()
     return losses
 
@@ -142,6 +155,22 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """train.num_workers -> loader processes: "auto" is a quarter of the usable cores. Workers
+    share the cores with the math threads; on 2 cores the loop ran fastest with none (fp32 123 vs
+    133 ms/iteration with 2, bench/results/train_profile_cpu.md), while a 16-core GPU host gets 4."""
+    if num_workers == "auto":
+        return usable_cores() // 4
+    return int(num_workers)
+
+
 def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
     if resolve_precision(precision, device) == "bf16":
         return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
@@ -154,12 +183,12 @@ def score_images(
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, progress: bool = False, desc: str = "scoring",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Anomaly maps (N x S x S float32), image scores (N,) and ground-truth masks (N x S x S bool) of ``rows``."""
-    graph.eval()
+    graph.eval().to(memory_format=torch.channels_last)
     maps, scores, masks = [], [], []
     loader = eval_loader(EvalDataset(rows, image_size), batch_size)
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         with autocast():
-            amap, score = graph(batch["image"].to(device))
+            amap, score = graph(batch["image"].to(device, memory_format=torch.channels_last))
         maps.append(amap[:, 0].float().cpu().numpy())
         scores.append(score.float().cpu().numpy())
         masks.append(batch["mask"][:, 0].numpy() > 0.5)
@@ -236,9 +265,9 @@ def train_category(
                       "textures instead of DTD (the paper's texture source). The model card will say so.", stacklevel=2)
 
     torch.manual_seed(p.seed)
-    model = URD.from_params(p).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last on every device: on CPU a training step at the demo settings ran 1.5x faster in
+    # fp32 and no slower in bf16 (bench/results/train_profile_cpu.md); on CUDA it is the tensor-core layout.
+    model = URD.from_params(p).to(device, memory_format=torch.channels_last)
     if p.model.weights == "none" and not resume:
         # A random backbone gets BatchNorm statistics from (up to 64) training images before
         # the expert is copied from it; the weights stay random.
@@ -273,21 +302,22 @@ def train_category(
         val_history = json.loads(state["val_history"])
         best = json.loads(state["best"])
 
-    batches = train_batches(TrainDataset(train_paths, size, foreground), tp.batch_size, tp.num_workers, seed=p.seed,
+    num_workers = resolve_num_workers(tp.num_workers)
+    batches = train_batches(TrainDataset(train_paths, size, foreground), tp.batch_size, num_workers, seed=p.seed,
                             start_batch=start, pin_memory=device.type == "cuda")
     end = tp.iterations if stop_after is None else min(tp.iterations, start + stop_after)
     bar = tqdm(total=tp.iterations, initial=start, desc=f"train {category}", unit="it", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
     for iteration in range(start, end):
-        batch = next(batches)
-        images = batch["image"].to(device, non_blocking=True).float().div_(255)
+        with phase("data"):
+            batch = next(batches)
+            images = batch["image"].to(device, non_blocking=True).float().div_(255)
         anomalous = mask = None
-        if p.model.denoising:
-            anomalous, mask = synth(images, batch["foreground"].to(device))
-        normal = images
-        if device.type == "cuda":
-            normal = normal.contiguous(memory_format=torch.channels_last)
-            anomalous = None if anomalous is None else anomalous.contiguous(memory_format=torch.channels_last)
+        with phase("synthesis"):
+            if p.model.denoising:
+                anomalous, mask = synth(images, batch["foreground"].to(device))
+                anomalous = anomalous.contiguous(memory_format=torch.channels_last)
+        normal = images.contiguous(memory_format=torch.channels_last)
         losses = train_step(model, optimizers, normal, anomalous, mask, p.model.teacher_synthetic_term, autocast())
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"loss became {losses} at iteration {iteration + 1}; lower the learning rates or use precision fp32")
@@ -324,7 +354,7 @@ def train_category(
 
     summary: dict[str, Any] = {
         "category": category, "iterations_done": end, "iterations": tp.iterations, "device": str(device),
-        "precision": precision, "precision_requested": tp.precision, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
+        "precision": precision, "precision_requested": tp.precision, "num_workers": num_workers, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
         "selection": tp.selection, "texture_source": texture_source, "dtd_root": p.synthesis.dtd_root,
         "history": history, "val_history": val_history,
     }

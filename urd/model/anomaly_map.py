@@ -57,11 +57,13 @@ class AnomalyMap(nn.Module):
                 for t, s in zip(teacher, student)]
 
     def forward(self, teacher: list[Tensor], student: list[Tensor]) -> Tensor:
-        maps = self.scale_maps(teacher, student)
-        total = maps[0]
-        for upsampled in maps[1:]:
-            total = total + upsampled
-        return self.blur(total)
+        # fp32 under bf16 autocast too: the map's values are compared with calibrated thresholds.
+        with torch.autocast(teacher[0].device.type, enabled=False):
+            maps = self.scale_maps(teacher, student)
+            total = maps[0]
+            for upsampled in maps[1:]:
+                total = total + upsampled
+            return self.blur(total)
 
 
 def image_score(anomaly_map: Tensor) -> Tensor:

@@ -1,0 +1,252 @@
+"""Where a training iteration's time goes at the demo settings, and how close it runs to this
+machine's roof.
+
+    python bench/train_profile.py [--iterations 30] [--warmup 5] [--precisions fp32 bf16] [--workers 0 1 2]
+
+In one run, on one machine:
+
+1. **Roofs**: GFLOP/s of a 2048x2048 matmul, of a dense 3x3 convolution (8x64x48x48 -> 64) and of
+   a depthwise 3x3 convolution (8x240x24x24, Lite0's MBConv kind: memory-bound), fp32 and bf16,
+   best of both memory formats.
+2. **FLOPs of one training iteration** (``torch.utils.flop_counter.FlopCounterMode``: the
+   convolutions and matmuls of forward and backward; synthesis is not counted).
+3. **Training step alone** (fixed random batch, no loading, no synthesis) per precision and memory
+   format: ms/iteration, images/s, GFLOP/s and % of the fp32 and bf16 roofs.
+4. **The library's loop** (``urd.train.train_category`` on the demo's last category, params.yaml)
+   per precision and ``train.num_workers``: median ms/iteration after the warm-up, images/s.
+5. **Profile** of the default configuration (torch.profiler over the ``urd.*`` ranges that the loop
+   and ``train_step`` mark): data loading, synthesis, teacher features, student forward, backward,
+   optimizer, and what no range covers (loop overhead: progress bar, logging). "Outside torch ops"
+   is a range's time not spent in any torch operator: Python and dispatch overhead.
+
+Prints the tables and writes bench/results/train_profile_cpu.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from rich.console import Console
+from rich.table import Table
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import machine  # noqa: E402
+
+from urd.config import load_params  # noqa: E402
+from urd.data.manifest import ingest_category  # noqa: E402
+from urd.model.urd import URD  # noqa: E402
+from urd.train import make_optimizers, native_bf16, train_category, train_step  # noqa: E402
+
+PHASES = ("data", "synthesis", "expert", "teacher_forward", "teacher_backward", "teacher_features", "student_forward",
+          "student_backward", "optimizer")
+
+
+def autocast(precision: str):
+    return (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+
+
+def best_seconds(fn, repeats: int = 10) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def roofs(precisions: list[str]) -> dict[str, dict[str, float]]:
+    """GFLOP/s of the kernels that bound this machine, per precision."""
+    out: dict[str, dict[str, float]] = {}
+    with torch.inference_mode():
+        for precision in precisions:
+            dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+            a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+            row = {"matmul": 2 * 2048**3 / best_seconds(lambda: a @ b) / 1e9}
+            for name, (n, c, s, groups) in {"conv3x3": (8, 64, 48, 1), "depthwise3x3": (8, 240, 24, 240)}.items():
+                weight = torch.randn(c, c // groups, 3, 3, dtype=dtype)
+                flops = 2 * n * c * s * s * (c // groups) * 9
+                best = 0.0
+                for memory_format in (torch.contiguous_format, torch.channels_last):
+                    x = torch.randn(n, c, s, s, dtype=dtype).contiguous(memory_format=memory_format)
+                    w = weight.contiguous(memory_format=memory_format)
+                    best = max(best, flops / best_seconds(lambda: F.conv2d(x, w, padding=1, groups=groups)) / 1e9)
+                row[name] = best
+            out[precision] = row
+    return out
+
+
+def batch_of(size: int, batch: int, channels_last: bool):
+    gen = torch.Generator().manual_seed(0)
+    normal, anomalous = torch.rand(batch, 3, size, size, generator=gen), torch.rand(batch, 3, size, size, generator=gen)
+    mask = (torch.rand(batch, 1, size, size, generator=gen) > 0.5).float()
+    if channels_last:
+        normal, anomalous = (t.contiguous(memory_format=torch.channels_last) for t in (normal, anomalous))
+    return normal, anomalous, mask
+
+
+def iteration_flops(params) -> int:
+    torch.manual_seed(params.seed)
+    model = URD.from_params(params)
+    optimizers = make_optimizers(model, params.train)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        train_step(model, optimizers, *batch_of(params.dataset.image_size, params.train.batch_size, False),
+                   params.model.teacher_synthetic_term)
+    return counter.get_total_flops()
+
+
+def step_speed(params, precision: str, channels_last: bool, iterations: int, warmup: int) -> float:
+    """Median seconds of ``train_step`` on a fixed batch."""
+    torch.manual_seed(params.seed)
+    model = URD.from_params(params)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizers = make_optimizers(model, params.train)
+    batch = batch_of(params.dataset.image_size, params.train.batch_size, channels_last)
+    times = []
+    for i in range(warmup + iterations):
+        start = time.perf_counter()
+        train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)())
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def loop_run(params, category: str, manifest, precision: str, workers: int, iterations: int, warmup: int, profile: bool = False):
+    """Median seconds per iteration of the library's loop (and its profile when asked)."""
+    train = params.train.model_copy(update={"precision": precision, "num_workers": workers, "iterations": warmup + iterations,
+                                            "checkpoint_every": warmup + iterations, "log_every": 1})
+    params = params.model_copy(update={"train": train})
+    stamps: list[float] = []
+    profiler = None
+    if profile:
+        schedule = torch.profiler.schedule(wait=warmup - 1, warmup=1, active=iterations)
+        profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], schedule=schedule)
+
+    def on_log(done, losses):
+        stamps.append(time.perf_counter())
+        if profiler is not None:
+            profiler.step()
+
+    with tempfile.TemporaryDirectory() as tmp, (profiler or contextlib.nullcontext()):
+        train_category(params, category, manifest, Path(tmp) / "m", progress=False, on_log=on_log)
+    per_iteration = statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1:]))
+    if profiler is None:
+        return per_iteration, None
+    events = {e.key: e for e in profiler.key_averages()}
+    phases = {}
+    for name in PHASES:
+        event = events.get(f"urd.{name}")
+        if event is not None:
+            phases[name] = {"ms": event.cpu_time_total / 1000 / iterations, "outside_ops_ms": event.self_cpu_time_total / 1000 / iterations}
+    return per_iteration, phases
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iterations", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--precisions", nargs="*", default=None, help="default: fp32, and bf16 where this CPU runs it natively")
+    parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
+    args = parser.parse_args()
+    precisions = args.precisions or (["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"])
+    params = load_params("params.yaml")
+    category = params.dataset.categories[-1]
+    params = params.for_category(category)
+    console = Console(width=130)
+    lines: list[str] = []
+
+    def show(table: Table) -> None:
+        console.print(table)
+        plain = Console(file=io.StringIO(), width=130, color_system=None)
+        plain.print(table)
+        lines.append("```\n" + plain.file.getvalue().rstrip() + "\n```\n")
+
+    def show_text(text: str) -> None:
+        console.print(text)
+        lines.append(text + "\n")
+
+    roof = roofs(sorted(set(precisions) | {"fp32"}))
+    table = Table(title="Roofs measured in this run (GFLOP/s)")
+    for col in ("precision", "matmul 2048²", "conv 3x3 dense", "conv 3x3 depthwise"):
+        table.add_column(col, justify="right")
+    for precision, row in roof.items():
+        table.add_row(precision, f"{row['matmul']:.0f}", f"{row['conv3x3']:.0f}", f"{row['depthwise3x3']:.1f}")
+    show(table)
+    peak = {precision: max(row["matmul"], row["conv3x3"]) for precision, row in roof.items()}
+
+    flops = iteration_flops(params)
+    batch = params.train.batch_size
+    show_text(f"FLOPs of one training iteration (batch {batch}, {params.dataset.image_size} px, {params.model.backbone}): "
+                  f"{flops / 1e9:.2f} GFLOP")
+
+    step_rows = []
+    for precision in precisions:
+        for channels_last in (False, True):
+            seconds = step_speed(params, precision, channels_last, args.iterations, args.warmup)
+            step_rows.append({"precision": precision, "memory_format": "channels_last" if channels_last else "contiguous",
+                              "ms_per_iteration": 1000 * seconds, "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9})
+    table = Table(title=f"Training step alone ({flops / 1e9:.2f} GFLOP per iteration)")
+    for col in ("precision", "memory format", "ms / it", "images / s", "GFLOP/s", "% fp32 roof", "% own roof"):
+        table.add_column(col, justify="right")
+    for r in step_rows:
+        table.add_row(r["precision"], r["memory_format"], f"{r['ms_per_iteration']:.0f}", f"{r['images_per_s']:.1f}", f"{r['gflops']:.1f}",
+                      f"{100 * r['gflops'] / peak['fp32']:.0f}%", f"{100 * r['gflops'] / peak[r['precision']]:.0f}%")
+    show(table)
+
+    manifest = ingest_category(params, category, progress=False)
+    loop_rows = []
+    for precision in precisions:
+        for workers in args.workers:
+            seconds, _ = loop_run(params, category, manifest, precision, workers, args.iterations, args.warmup)
+            loop_rows.append({"precision": precision, "num_workers": workers, "ms_per_iteration": 1000 * seconds,
+                              "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9})
+    table = Table(title=f"The training loop (train_category, {category}; median after {args.warmup} warm-up iterations)")
+    for col in ("precision", "num_workers", "ms / it", "images / s", "GFLOP/s", "% fp32 roof"):
+        table.add_column(col, justify="right")
+    for r in loop_rows:
+        table.add_row(r["precision"], str(r["num_workers"]), f"{r['ms_per_iteration']:.0f}", f"{r['images_per_s']:.1f}",
+                      f"{r['gflops']:.1f}", f"{100 * r['gflops'] / peak['fp32']:.0f}%")
+    show(table)
+
+    default_precision = "bf16" if "bf16" in precisions else "fp32"
+    profiled, phases = loop_run(params, category, manifest, default_precision, params.train.num_workers, args.iterations, args.warmup,
+                                profile=True)
+    covered = sum(v["ms"] for v in phases.values())
+    phases["loop overhead"] = {"ms": max(1000 * profiled - covered, 0.0), "outside_ops_ms": max(1000 * profiled - covered, 0.0)}
+    table = Table(title=f"Profile of one iteration ({default_precision}, num_workers {params.train.num_workers}; "
+                        f"{1000 * profiled:.0f} ms/it under the profiler)")
+    for col in ("phase", "ms / it", "share", "outside torch ops (ms)"):
+        table.add_column(col, justify="right")
+    for name, v in phases.items():
+        table.add_row(name, f"{v['ms']:.1f}", f"{100 * v['ms'] / (1000 * profiled):.0f}%", f"{v['outside_ops_ms']:.1f}")
+    show(table)
+
+    result = {"machine": machine(), "settings": {"backbone": params.model.backbone, "image_size": params.dataset.image_size,
+              "batch_size": batch, "expert": params.model.expert, "category": category, "iterations": args.iterations, "warmup": args.warmup},
+              "roofs_gflops": roof, "iteration_gflop": flops / 1e9, "step": step_rows, "loop": loop_rows,
+              "profile": {"precision": default_precision, "num_workers": params.train.num_workers,
+                          "ms_per_iteration": 1000 * profiled, "phases": phases}}
+    out = Path(__file__).resolve().parent / "results" / "train_profile_cpu"
+    out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
+    m = result["machine"]
+    header = (f"# Training profile ({m['cpu']}, {m['cores']} cores, flags: {m['cpu_flags']}, torch {m['torch']}, "
+              f"{m['torch_threads']} threads, commit {m['git_commit']})\n\n")
+    out.with_suffix(".md").write_text(header + "\n".join(lines))
+    print(f"wrote {out}.json and .md")
+
+
+if __name__ == "__main__":
+    main()
