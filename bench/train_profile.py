@@ -1,7 +1,7 @@
 """Where a training iteration's time goes at the demo settings, and how close it runs to this
 machine's roof.
 
-    python bench/train_profile.py [--iterations 30] [--warmup 5] [--precisions fp32 bf16] [--workers 0 1 2]
+    python bench/train_profile.py [--iterations 30] [--warmup 5] [--precisions fp32 bf16] [--workers 0 1 2] [--rounds 2]
 
 In one run, on one machine:
 
@@ -11,9 +11,11 @@ In one run, on one machine:
 2. **FLOPs of one training iteration** (``torch.utils.flop_counter.FlopCounterMode``: the
    convolutions and matmuls of forward and backward; synthesis is not counted).
 3. **Training step alone** (fixed random batch, no loading, no synthesis) per precision and memory
-   format: ms/iteration, images/s, GFLOP/s and % of the fp32 and bf16 roofs.
+   format, the cases taking turns: median ms/iteration, images/s, GFLOP/s and % of the fp32 and
+   bf16 roofs.
 4. **The library's loop** (``urd.train.train_category`` on the demo's last category, params.yaml)
-   per precision and ``train.num_workers``: median ms/iteration after the warm-up, images/s.
+   per precision and ``train.num_workers``, taking turns ``--rounds`` times: median ms/iteration
+   after the warm-up, images/s.
 5. **Profile** of the default configuration (torch.profiler over the ``urd.*`` ranges that the loop
    and ``train_step`` mark): data loading, synthesis, teacher features, student forward, backward,
    optimizer, and what no range covers (loop overhead: progress bar, logging). "Outside torch ops"
@@ -32,6 +34,7 @@ import statistics
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -107,21 +110,28 @@ def iteration_flops(params) -> int:
     return counter.get_total_flops()
 
 
-def step_speed(params, precision: str, channels_last: bool, iterations: int, warmup: int) -> float:
-    """Median seconds of ``train_step`` on a fixed batch."""
-    torch.manual_seed(params.seed)
-    model = URD.from_params(params)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizers = make_optimizers(model, params.train)
-    batch = batch_of(params.dataset.image_size, params.train.batch_size, channels_last)
-    times = []
-    for i in range(warmup + iterations):
-        start = time.perf_counter()
-        train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)())
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def step_speeds(params, cases: list[tuple[str, bool]], iterations: int, warmup: int, rounds: int = 3) -> list[float]:
+    """Median seconds of ``train_step`` on a fixed batch for each (precision, channels_last) case.
+    The cases take turns, ``rounds`` times ``iterations // rounds`` steps each, so that a noisy
+    neighbour on a shared host slows every case alike; the result is the median over all steps."""
+    setups = []
+    for precision, channels_last in cases:
+        torch.manual_seed(params.seed)
+        model = URD.from_params(params)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        optimizers = make_optimizers(model, params.train)
+        batch = batch_of(params.dataset.image_size, params.train.batch_size, channels_last)
+        for _ in range(warmup):
+            train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)())
+        setups.append((model, optimizers, batch, precision, []))
+    for _ in range(rounds):
+        for model, optimizers, batch, precision, times in setups:
+            for _ in range(max(iterations // rounds, 1)):
+                start = time.perf_counter()
+                train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)())
+                times.append(time.perf_counter() - start)
+    return [statistics.median(times) for *_, times in setups]
 
 
 def loop_run(params, category: str, manifest, precision: str, workers: int, iterations: int, warmup: int, profile: bool = False):
@@ -160,7 +170,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--precisions", nargs="*", default=None, help="default: fp32, and bf16 where this CPU runs it natively")
     parser.add_argument("--workers", type=int, nargs="*", default=[0, 1, 2])
+    parser.add_argument("--rounds", type=int, default=2, help="turns of the loop configurations (median over them)")
     args = parser.parse_args()
+    warnings.filterwarnings("ignore", message="synthesis.dtd_root")  # the demo trains on procedural textures
     precisions = args.precisions or (["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"])
     params = load_params("params.yaml")
     category = params.dataset.categories[-1]
@@ -192,12 +204,11 @@ def main() -> None:
     show_text(f"FLOPs of one training iteration (batch {batch}, {params.dataset.image_size} px, {params.model.backbone}): "
                   f"{flops / 1e9:.2f} GFLOP")
 
+    cases = [(precision, channels_last) for precision in precisions for channels_last in (False, True)]
     step_rows = []
-    for precision in precisions:
-        for channels_last in (False, True):
-            seconds = step_speed(params, precision, channels_last, args.iterations, args.warmup)
-            step_rows.append({"precision": precision, "memory_format": "channels_last" if channels_last else "contiguous",
-                              "ms_per_iteration": 1000 * seconds, "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9})
+    for (precision, channels_last), seconds in zip(cases, step_speeds(params, cases, args.iterations, args.warmup)):
+        step_rows.append({"precision": precision, "memory_format": "channels_last" if channels_last else "contiguous",
+                          "ms_per_iteration": 1000 * seconds, "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9})
     table = Table(title=f"Training step alone ({flops / 1e9:.2f} GFLOP per iteration)")
     for col in ("precision", "memory format", "ms / it", "images / s", "GFLOP/s", "% fp32 roof", "% own roof"):
         table.add_column(col, justify="right")
@@ -207,12 +218,16 @@ def main() -> None:
     show(table)
 
     manifest = ingest_category(params, category, progress=False)
+    configs = [(precision, workers) for precision in precisions for workers in args.workers]
+    rounds: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
+    for _ in range(args.rounds):  # configurations take turns, as in the step table
+        for precision, workers in configs:
+            rounds[(precision, workers)].append(loop_run(params, category, manifest, precision, workers, args.iterations, args.warmup)[0])
     loop_rows = []
-    for precision in precisions:
-        for workers in args.workers:
-            seconds, _ = loop_run(params, category, manifest, precision, workers, args.iterations, args.warmup)
-            loop_rows.append({"precision": precision, "num_workers": workers, "ms_per_iteration": 1000 * seconds,
-                              "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9})
+    for (precision, workers), times in rounds.items():
+        seconds = statistics.median(times)
+        loop_rows.append({"precision": precision, "num_workers": workers, "ms_per_iteration": 1000 * seconds,
+                          "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9, "rounds_ms": [1000 * t for t in times]})
     table = Table(title=f"The training loop (train_category, {category}; median after {args.warmup} warm-up iterations)")
     for col in ("precision", "num_workers", "ms / it", "images / s", "GFLOP/s", "% fp32 roof"):
         table.add_column(col, justify="right")

@@ -56,7 +56,7 @@ def worker(precision: str, iterations: int, train_to_end: bool, seeds: list[int]
             if train_to_end:
                 metrics = evaluate_model(Path(tmp) / f"{category}_{seed}", manifest, Path(tmp) / f"{category}_{seed}_report",
                                          progress=False)["overall"]
-                result["metrics"][f"{category} seed {seed}"] = {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+                result["metrics"][f"{category} seed {seed}"] = {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")}
     return result
 
 
@@ -91,7 +91,7 @@ def main() -> None:
         for category in rows[0]["metrics"]:
             for r in rows:
                 m = r["metrics"][category]
-                table.add_row(category, r["precision"], f"{m['image_auroc']:.4f}", f"{m['pixel_auroc']:.4f}", f"{m['aupro']:.4f}")
+                table.add_row(category, r["precision"], f"{m['image_auroc']:.4f}", f"{m['pixel_auroc']:.4f}", f"{m['pixel_aupro']:.4f}")
         Console(width=120).print(table)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out = Path(__file__).resolve().parent / "results" / f"train_speed_{device}.json"

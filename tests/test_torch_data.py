@@ -1,3 +1,4 @@
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -58,3 +59,24 @@ def test_bad_training_image_is_named(tmp_path):
     ds = TrainDataset([str(good), str(bad)], 32)
     with pytest.raises(ImageReadError, match="b.png"):
         ds[1]
+
+
+def test_train_images_are_decoded_once_and_served_as_copies(tmp_path, monkeypatch):
+    import urd.data.torch_data as torch_data
+
+    paths = []
+    for i in range(3):
+        paths.append(str(tmp_path / f"{i}.png"))
+        cv2.imwrite(paths[-1], np.full((40, 40, 3), 60 * i, np.uint8))
+    reads = []
+    real = torch_data.image_tensor
+    monkeypatch.setattr(torch_data, "image_tensor", lambda path, size: reads.append(path) or real(path, size))
+    ds = torch_data.TrainDataset(paths, 32)
+    first = ds[1]["image"]
+    first.zero_()  # a caller modifying its batch does not change what the next epoch reads
+    again = ds[1]["image"]
+    assert reads == [paths[1]] and int(again[0, 0, 0]) == 60
+    monkeypatch.setattr(torch_data, "CACHE_LIMIT_BYTES", 2 * 3 * 32 * 32)  # three images do not fit: read every time
+    ds = torch_data.TrainDataset(paths, 32)
+    ds[0], ds[0]
+    assert ds.cache is None and reads[1:] == [paths[0], paths[0]]

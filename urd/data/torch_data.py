@@ -31,6 +31,12 @@ def image_tensor(path: str, size: int) -> Tensor:
     return torch.from_numpy(np.ascontiguousarray(resize_image(read_image(path), size).transpose(2, 0, 1)))
 
 
+# Decoded training images are kept in memory when all of them fit in this many bytes (3 x S x S
+# uint8 each: 400 MVTec images at 256 px are 79 MB). Training visits every image many times, and
+# decoding + resizing was 11% of a bf16 iteration at the demo settings (bench/results/train_profile_cpu.md).
+CACHE_LIMIT_BYTES = 1 << 30
+
+
 class TrainDataset(Dataset):
     """Normal training images -> {"image": 3xSxS uint8, "foreground": 1xSxS bool}."""
 
@@ -40,12 +46,18 @@ class TrainDataset(Dataset):
         self.paths = list(paths)
         self.image_size = image_size
         self.foreground = foreground
+        self.cache: dict[int, Tensor] | None = {} if len(self.paths) * 3 * image_size**2 <= CACHE_LIMIT_BYTES else None
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
-        image = image_tensor(self.paths[index], self.image_size)
+        if self.cache is None:
+            image = image_tensor(self.paths[index], self.image_size)
+        else:
+            if index not in self.cache:
+                self.cache[index] = image_tensor(self.paths[index], self.image_size)
+            image = self.cache[index].clone()  # a copy: whoever receives it may modify it
         if self.foreground is None:
             fg = torch.ones(1, self.image_size, self.image_size, dtype=torch.bool)
         else:
