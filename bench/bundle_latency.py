@@ -19,7 +19,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
+from _timing import timings  # noqa: E402
 
 from urd.checkpoint import load_model, model_meta, save_model  # noqa: E402
 from urd.config import load_params  # noqa: E402
@@ -38,13 +38,7 @@ from urd.train import native_bf16  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timings(fn, repeats))
 
 
 def main() -> None:

@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
+from _timing import timings  # noqa: E402
 
 from pipeline.stages import _quantize  # noqa: E402
 from urd.checkpoint import load_model  # noqa: E402
@@ -35,13 +36,7 @@ from urd.export import METADATA_FILE, OnnxBundle  # noqa: E402
 
 
 def median_ms(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * statistics.median(timings(fn, repeats))
 
 
 def run_manifest(run_dir: Path, category: str):

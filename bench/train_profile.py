@@ -45,6 +45,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
+from _timing import timings  # noqa: E402
 
 from urd.config import load_params  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
@@ -60,13 +61,7 @@ def autocast(precision: str):
 
 
 def best_seconds(fn, repeats: int = 10) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    return min(timings(fn, repeats))
 
 
 def roofs(precisions: list[str]) -> dict[str, dict[str, float]]:
