@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -93,17 +93,10 @@ class TrainParams(_Section):
     )
     checkpoint_every: int = Field(250, gt=0)
     log_every: int = Field(25, gt=0)
-    num_workers: int | Literal["auto"] = Field(
+    num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="data-loading worker processes; auto = a quarter of the cores this process may use (0 on 2 cores, "
         "where workers compete with the math: bench/results/train_profile_cpu.md)",
     )
-
-    @field_validator("num_workers")
-    @classmethod
-    def _non_negative_workers(cls, value: int | str) -> int | str:
-        if value != "auto" and value < 0:
-            raise ValueError(f"num_workers must be 'auto' or >= 0 (got {value})")
-        return value
     selection: Literal["last", "val_score"] = Field(
         "last", description="checkpoint kept: the last one, or the lowest mean anomaly score on the val split"
     )
