@@ -11,7 +11,9 @@ In one run, on one machine:
 2. **FLOPs of one training iteration** (``torch.utils.flop_counter.FlopCounterMode``: the
    convolutions and matmuls of forward and backward; synthesis is not counted).
 3. **Training step alone** (fixed random batch, no loading, no synthesis) per precision and memory
-   format, the cases taking turns: median ms/iteration, images/s, GFLOP/s and % of the fp32 and
+   format, with the normal images' teacher features computed in the step ("fresh") or already
+   known ("cached", what ``urd.train.TeacherFeatureCache`` gives the loop when the teacher is
+   frozen), the cases taking turns: median ms/iteration, images/s, GFLOP/s and % of the fp32 and
    bf16 roofs.
 4. **The library's loop** (``urd.train.train_category`` on the demo's last category, params.yaml)
    per precision and ``train.num_workers``, taking turns ``--rounds`` times: median ms/iteration
@@ -94,37 +96,48 @@ def batch_of(size: int, batch: int, channels_last: bool):
     return normal, anomalous, mask
 
 
-def iteration_flops(params) -> int:
+def known_teacher_features(model: URD, normal: torch.Tensor, precision: str) -> list[torch.Tensor]:
+    """What urd.train.TeacherFeatureCache hands train_step once an image has been seen."""
+    model.train()
+    with torch.no_grad(), autocast(precision)():
+        return model.teacher(normal)
+
+
+def iteration_flops(params, cached: bool = False) -> int:
+    """FLOPs of one train_step; ``cached``: with the frozen teacher's features of I_n known, as the
+    loop runs after its first epoch when the expert is off."""
     torch.manual_seed(params.seed)
     model = URD.from_params(params)
     optimizers = make_optimizers(model, params.train)
+    batch = batch_of(params.dataset.image_size, params.train.batch_size, False)
+    known = known_teacher_features(model, batch[0], "fp32") if cached else None
     counter = FlopCounterMode(display=False)
     with counter:
-        train_step(model, optimizers, *batch_of(params.dataset.image_size, params.train.batch_size, False),
-                   params.model.teacher_synthetic_term)
+        train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, teacher_normal=known)
     return counter.get_total_flops()
 
 
-def step_speeds(params, cases: list[tuple[str, bool]], iterations: int, warmup: int, rounds: int = 3) -> list[float]:
-    """Median seconds of ``train_step`` on a fixed batch for each (precision, channels_last) case.
-    The cases take turns, ``rounds`` times ``iterations // rounds`` steps each, so that a noisy
+def step_speeds(params, cases: list[tuple[str, bool, bool]], iterations: int, warmup: int, rounds: int = 3) -> list[float]:
+    """Median seconds of ``train_step`` on a fixed batch for each (precision, channels_last, cached)
+    case. The cases take turns, ``rounds`` times ``iterations // rounds`` steps each, so that a noisy
     neighbour on a shared host slows every case alike; the result is the median over all steps."""
     setups = []
-    for precision, channels_last in cases:
+    for precision, channels_last, cached in cases:
         torch.manual_seed(params.seed)
         model = URD.from_params(params)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizers = make_optimizers(model, params.train)
         batch = batch_of(params.dataset.image_size, params.train.batch_size, channels_last)
+        known = known_teacher_features(model, batch[0], precision) if cached else None
         for _ in range(warmup):
-            train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)())
-        setups.append((model, optimizers, batch, precision, []))
+            train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)(), known)
+        setups.append((model, optimizers, batch, precision, known, []))
     for _ in range(rounds):
-        for model, optimizers, batch, precision, times in setups:
+        for model, optimizers, batch, precision, known, times in setups:
             for _ in range(max(iterations // rounds, 1)):
                 start = time.perf_counter()
-                train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)())
+                train_step(model, optimizers, *batch, params.model.teacher_synthetic_term, autocast(precision)(), known)
                 times.append(time.perf_counter() - start)
     return [statistics.median(times) for *_, times in setups]
 
@@ -194,36 +207,47 @@ def main() -> None:
     show(table)
     peak = {precision: max(row["matmul"], row["conv3x3"]) for precision, row in roof.items()}
 
-    flops = iteration_flops(params)
     batch = params.train.batch_size
+    caching = not params.model.expert  # a frozen teacher: the loop caches its features of I_n
+    flops = {False: iteration_flops(params)}
     show_text(f"FLOPs of one training iteration (batch {batch}, {params.dataset.image_size} px, {params.model.backbone}): "
-                  f"{flops / 1e9:.2f} GFLOP")
+              f"{flops[False] / 1e9:.2f} GFLOP")
+    if caching:
+        flops[True] = iteration_flops(params, cached=True)
+        show_text(f"... with the frozen teacher's features of I_n cached (the loop, from its second epoch on): {flops[True] / 1e9:.2f} GFLOP")
 
-    cases = [(precision, channels_last) for precision in precisions for channels_last in (False, True)]
+    cases = [(precision, channels_last, False) for precision in precisions for channels_last in (False, True)]
+    cases += [(precision, True, True) for precision in precisions if caching]
     step_rows = []
-    for (precision, channels_last), seconds in zip(cases, step_speeds(params, cases, args.iterations, args.warmup)):
+    for (precision, channels_last, cached), seconds in zip(cases, step_speeds(params, cases, args.iterations, args.warmup)):
         step_rows.append({"precision": precision, "memory_format": "channels_last" if channels_last else "contiguous",
-                          "ms_per_iteration": 1000 * seconds, "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9})
-    table = Table(title=f"Training step alone ({flops / 1e9:.2f} GFLOP per iteration)")
-    for col in ("precision", "memory format", "ms / it", "images / s", "GFLOP/s", "% fp32 roof", "% own roof"):
+                          "teacher_features_of_normal": "cached" if cached else "encoded", "gflop": flops[cached] / 1e9,
+                          "ms_per_iteration": 1000 * seconds, "images_per_s": batch / seconds, "gflops": flops[cached] / seconds / 1e9})
+    table = Table(title="Training step alone")
+    for col in ("precision", "memory format", "F_T(I_n)", "GFLOP", "ms / it", "images / s", "GFLOP/s", "% fp32 roof", "% own roof"):
         table.add_column(col, justify="right")
     for r in step_rows:
-        table.add_row(r["precision"], r["memory_format"], f"{r['ms_per_iteration']:.0f}", f"{r['images_per_s']:.1f}", f"{r['gflops']:.1f}",
+        table.add_row(r["precision"], r["memory_format"], r["teacher_features_of_normal"], f"{r['gflop']:.2f}", f"{r['ms_per_iteration']:.0f}",
+                      f"{r['images_per_s']:.1f}", f"{r['gflops']:.1f}",
                       f"{100 * r['gflops'] / peak['fp32']:.0f}%", f"{100 * r['gflops'] / peak[r['precision']]:.0f}%")
     show(table)
 
     manifest = ingest_category(params, category, progress=False)
+    # The loop is timed at its steady state: after the first epoch, which fills the feature cache.
+    epoch = int((manifest["split"] == "train").sum()) // batch
+    warmup = max(args.warmup, epoch + 1) if caching else args.warmup
+    flops = flops[caching]
     configs = [(precision, workers) for precision in precisions for workers in args.workers]
     rounds: dict[tuple[str, int], list[float]] = {c: [] for c in configs}
     for _ in range(args.rounds):  # configurations take turns, as in the step table
         for precision, workers in configs:
-            rounds[(precision, workers)].append(loop_run(params, category, manifest, precision, workers, args.iterations, args.warmup)[0])
+            rounds[(precision, workers)].append(loop_run(params, category, manifest, precision, workers, args.iterations, warmup)[0])
     loop_rows = []
     for (precision, workers), times in rounds.items():
         seconds = statistics.median(times)
         loop_rows.append({"precision": precision, "num_workers": workers, "ms_per_iteration": 1000 * seconds,
                           "images_per_s": batch / seconds, "gflops": flops / seconds / 1e9, "rounds_ms": [1000 * t for t in times]})
-    table = Table(title=f"The training loop (train_category, {category}; median after {args.warmup} warm-up iterations)")
+    table = Table(title=f"The training loop (train_category, {category}; median after {warmup} warm-up iterations; {flops / 1e9:.2f} GFLOP/it)")
     for col in ("precision", "num_workers", "ms / it", "images / s", "GFLOP/s", "% fp32 roof"):
         table.add_column(col, justify="right")
     for r in loop_rows:
@@ -232,7 +256,7 @@ def main() -> None:
     show(table)
 
     default_precision = "bf16" if "bf16" in precisions else "fp32"
-    profiled, phases = loop_run(params, category, manifest, default_precision, params.train.num_workers, args.iterations, args.warmup,
+    profiled, phases = loop_run(params, category, manifest, default_precision, params.train.num_workers, args.iterations, warmup,
                                 profile=True)
     covered = sum(v["ms"] for v in phases.values())
     phases["loop overhead"] = {"ms": max(1000 * profiled - covered, 0.0), "outside_ops_ms": max(1000 * profiled - covered, 0.0)}
@@ -245,7 +269,7 @@ def main() -> None:
     show(table)
 
     result = {"machine": machine(), "settings": {"backbone": params.model.backbone, "image_size": params.dataset.image_size,
-              "batch_size": batch, "expert": params.model.expert, "category": category, "iterations": args.iterations, "warmup": args.warmup},
+              "batch_size": batch, "expert": params.model.expert, "category": category, "iterations": args.iterations, "warmup": warmup},
               "roofs_gflops": roof, "iteration_gflop": flops / 1e9, "step": step_rows, "loop": loop_rows,
               "profile": {"precision": default_precision, "num_workers": params.train.num_workers,
                           "ms_per_iteration": 1000 * profiled, "phases": phases}}

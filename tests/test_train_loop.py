@@ -115,3 +115,17 @@ def test_num_workers_auto_leaves_small_machines_the_cores(monkeypatch):
     for bad in (-1, "many"):
         with pytest.raises(ValueError, match="num_workers"):
             parse_params({"train": {"num_workers": bad}})
+
+
+def test_frozen_teacher_features_are_cached_without_changing_the_run(tiny, tmp_path, monkeypatch):
+    params, manifest = tiny
+    p = params.model_copy(update={"model": params.model.model_copy(update={"expert": False})})
+    cached = train_category(p, "widget", manifest, tmp_path / "cached", progress=False)
+    monkeypatch.setattr("urd.train.FEATURE_CACHE_LIMIT_BYTES", 0)
+    fresh = train_category(p, "widget", manifest, tmp_path / "fresh", progress=False)
+    assert cached["teacher_features_cached"] and not fresh["teacher_features_cached"]
+    assert [h["student"] for h in cached["history"]] == [h["student"] for h in fresh["history"]]
+    a, b = load_file(str(tmp_path / "cached" / "model.safetensors")), load_file(str(tmp_path / "fresh" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with_expert = train_category(params, "widget", manifest, tmp_path / "expert", progress=False, stop_after=1)
+    assert not with_expert["teacher_features_cached"]  # the teacher learns: its features change every step

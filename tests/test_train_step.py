@@ -1,10 +1,12 @@
+import contextlib
 import copy
 
+import pytest
 import torch
 
 from urd.config import TrainParams
 from urd.model import URD
-from urd.train import make_optimizers, train_step
+from urd.train import TeacherFeatureCache, make_optimizers, train_step
 
 
 def _batch(size=64, batch=2):
@@ -52,3 +54,80 @@ def test_without_expert_only_the_student_trains():
     assert set(losses) == {"student"}
     for k, v in model.teacher.state_dict().items():
         assert torch.equal(v, teacher_before[k]), k  # frozen, BN statistics included
+
+
+class CountingTeacher(torch.nn.Module):
+    """The teacher, counting the images it is asked to encode."""
+
+    def __init__(self, teacher):
+        super().__init__()
+        self.teacher = teacher
+        self.images = 0
+
+    def forward(self, x):
+        self.images += len(x)
+        return self.teacher(x)
+
+
+def _frozen_teacher():
+    model = URD("resnet18", image_size=64, expert=False)
+    model.train()  # a frozen teacher stays in eval mode
+    return model, CountingTeacher(model.teacher).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_teacher_feature_cache_encodes_each_image_once_and_returns_the_teachers_features(dtype):
+    model, teacher = _frozen_teacher()
+    images = torch.randn(6, 3, 64, 64)
+    autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # noqa: E731
+    with torch.no_grad(), autocast():
+        expected = model.teacher(images)
+    cache = TeacherFeatureCache(num_images=6)
+    first = cache(teacher, images[[0, 1, 2]], torch.tensor([0, 1, 2]), autocast())
+    # image 4 is new: the batch is encoded whole, as an uncached step would (same rounding)
+    again = cache(teacher, images[[2, 4, 0]], torch.tensor([2, 4, 0]), autocast())
+    assert teacher.images == 6 and cache.enabled
+    for got, want in zip(first, expected):
+        assert got.dtype == dtype and torch.equal(got, want[[0, 1, 2]])
+    for got, want in zip(again, expected):
+        assert torch.equal(got, want[[2, 4, 0]])
+    last = cache(teacher, images[[4, 1]], torch.tensor([4, 1]), autocast())
+    assert teacher.images == 6
+    for got, want in zip(last, again):
+        assert torch.equal(got[0], want[1])
+
+
+def test_teacher_feature_cache_keeps_nothing_over_its_limit_and_refuses_a_trainable_teacher():
+    model, teacher = _frozen_teacher()
+    images = torch.randn(2, 3, 64, 64)
+    cache = TeacherFeatureCache(num_images=100, limit_bytes=1000)
+    for _ in range(2):
+        out = cache(teacher, images, torch.tensor([0, 1]), contextlib.nullcontext())
+    assert not cache.enabled and cache.features is None and teacher.images == 4
+    with torch.no_grad():
+        assert all(torch.equal(a, b) for a, b in zip(out, model.teacher(images)))
+    trainable = URD("resnet18", image_size=64)
+    trainable.train()
+    with pytest.raises(ValueError, match="frozen teacher"):
+        TeacherFeatureCache(2)(trainable.teacher, images, torch.tensor([0, 1]), contextlib.nullcontext())
+
+
+def test_known_teacher_features_give_the_same_step():
+    normal, anomalous, mask = _batch()
+    runs = []
+    for known in (False, True):
+        torch.manual_seed(0)
+        model = URD("resnet18", image_size=64, expert=False)
+        opt = make_optimizers(model, TrainParams())
+        model.train()
+        features = None
+        if known:
+            with torch.no_grad():
+                features = model.teacher(normal)
+        losses = train_step(model, opt, normal, anomalous, mask, teacher_normal=features)
+        runs.append((losses, model.student.state_dict()))
+    assert runs[0][0] == runs[1][0]
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    model = URD("resnet18", image_size=64)  # expert on: the teacher learns, its features change every step
+    with pytest.raises(ValueError, match="frozen"):
+        train_step(model, make_optimizers(model, TrainParams()), normal, anomalous, mask, teacher_normal=[normal])

@@ -38,7 +38,9 @@ CACHE_LIMIT_BYTES = 1 << 30
 
 
 class TrainDataset(Dataset):
-    """Normal training images -> {"image": 3xSxS uint8, "foreground": 1xSxS bool}."""
+    """Normal training images -> {"image": 3xSxS uint8, "foreground": 1xSxS bool, "index": int}
+    (``index``: the image's position in ``paths``, which keys per-image caches such as
+    :class:`urd.train.TeacherFeatureCache`)."""
 
     def __init__(self, paths: Sequence[str], image_size: int, foreground: np.ndarray | None = None) -> None:
         if foreground is not None and len(foreground) != len(paths):
@@ -62,7 +64,7 @@ class TrainDataset(Dataset):
             fg = torch.ones(1, self.image_size, self.image_size, dtype=torch.bool)
         else:
             fg = torch.from_numpy(np.ascontiguousarray(self.foreground[index], dtype=bool))[None]
-        return {"image": image, "foreground": fg}
+        return {"image": image, "foreground": fg, "index": index}
 
 
 class EvalDataset(Dataset):
