@@ -10,7 +10,7 @@ from urd.checkpoint import load_model
 from urd.config import CalibrateParams, parse_params
 from urd.data.demo import DemoSpec, generate_demo
 from urd.data.manifest import build_manifest
-from urd.train import score_images, train_category
+from urd.train import TeacherFeatureCache, score_images, train_category
 
 
 @pytest.fixture(scope="module")
@@ -119,11 +119,18 @@ def test_num_workers_auto_leaves_small_machines_the_cores(monkeypatch):
 
 def test_frozen_teacher_features_are_cached_without_changing_the_run(tiny, tmp_path, monkeypatch):
     params, manifest = tiny
-    p = params.model_copy(update={"model": params.model.model_copy(update={"expert": False})})
+    p = params.model_copy(update={"model": params.model.model_copy(update={"expert": False}),
+                                  "train": params.train.model_copy(update={"iterations": 8, "checkpoint_every": 8})})
+    encoded = []  # batches of normal images the teacher had to encode
+    compute = TeacherFeatureCache._compute
+    monkeypatch.setattr(TeacherFeatureCache, "_compute", staticmethod(lambda *a: encoded.append(1) or compute(*a)))
     cached = train_category(p, "widget", manifest, tmp_path / "cached", progress=False)
+    hits = 8 - len(encoded)
     monkeypatch.setattr("urd.train.FEATURE_CACHE_LIMIT_BYTES", 0)
+    encoded.clear()
     fresh = train_category(p, "widget", manifest, tmp_path / "fresh", progress=False)
     assert cached["teacher_features_cached"] and not fresh["teacher_features_cached"]
+    assert hits >= 4 and len(encoded) == 8  # later epochs are served from the cache; without it, every step encodes
     assert [h["student"] for h in cached["history"]] == [h["student"] for h in fresh["history"]]
     a, b = load_file(str(tmp_path / "cached" / "model.safetensors")), load_file(str(tmp_path / "fresh" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
