@@ -11,13 +11,14 @@ In one run, on one machine:
 2. **FLOPs of one training iteration** (``torch.utils.flop_counter.FlopCounterMode``: the
    convolutions and matmuls of forward and backward; synthesis is not counted).
 3. **Training step alone** (fixed random batch, no loading, no synthesis) per precision and memory
-   format, with the normal images' teacher features computed in the step ("fresh") or already
+   format, with the normal images' teacher features encoded in the step ("encoded") or already
    known ("cached", what ``urd.train.TeacherFeatureCache`` gives the loop when the teacher is
    frozen), the cases taking turns: median ms/iteration, images/s, GFLOP/s and % of the fp32 and
    bf16 roofs.
 4. **The library's loop** (``urd.train.train_category`` on the demo's last category, params.yaml)
    per precision and ``train.num_workers``, taking turns ``--rounds`` times: median ms/iteration
-   after the warm-up, images/s.
+   after the warm-up (at least one epoch when the teacher is frozen, so that the feature cache is
+   full), images/s.
 5. **Profile** of the default configuration (torch.profiler over the ``urd.*`` ranges that the loop
    and ``train_step`` mark): data loading, synthesis, teacher features, student forward, backward,
    optimizer, and what no range covers (loop overhead: progress bar, logging). "Outside torch ops"
