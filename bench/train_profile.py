@@ -12,7 +12,7 @@ In one run, on one machine:
    convolutions and matmuls of forward and backward; synthesis is not counted).
 3. **Training step alone** (fixed random batch, no loading, no synthesis) per precision and memory
    format, with the normal images' teacher features encoded in the step ("encoded") or already
-   known ("cached", what ``urd.train.TeacherFeatureCache`` gives the loop when the teacher is
+   known ("cached", what ``urd.train.FrozenFeatureCache`` gives the loop when the teacher is
    frozen), the cases taking turns: median ms/iteration, images/s, GFLOP/s and % of the fp32 and
    bf16 roofs.
 4. **The library's loop** (``urd.train.train_category`` on the demo's last category, params.yaml)
@@ -98,7 +98,7 @@ def batch_of(size: int, batch: int, channels_last: bool):
 
 
 def known_teacher_features(model: URD, normal: torch.Tensor, precision: str) -> list[torch.Tensor]:
-    """What urd.train.TeacherFeatureCache hands train_step once an image has been seen."""
+    """What urd.train.FrozenFeatureCache hands train_step once an image has been seen."""
     model.train()
     with torch.no_grad(), autocast(precision)():
         return model.teacher(normal)

@@ -10,7 +10,7 @@ from urd.checkpoint import load_model
 from urd.config import CalibrateParams, parse_params
 from urd.data.demo import DemoSpec, generate_demo
 from urd.data.manifest import build_manifest
-from urd.train import TeacherFeatureCache, score_images, train_category
+from urd.train import FrozenFeatureCache, score_images, train_category
 
 
 @pytest.fixture(scope="module")
@@ -122,8 +122,8 @@ def test_frozen_teacher_features_are_cached_without_changing_the_run(tiny, tmp_p
     p = params.model_copy(update={"model": params.model.model_copy(update={"expert": False}),
                                   "train": params.train.model_copy(update={"iterations": 8, "checkpoint_every": 8})})
     encoded = []  # batches of normal images the teacher had to encode
-    compute = TeacherFeatureCache._compute
-    monkeypatch.setattr(TeacherFeatureCache, "_compute", staticmethod(lambda *a: encoded.append(1) or compute(*a)))
+    compute = FrozenFeatureCache._compute
+    monkeypatch.setattr(FrozenFeatureCache, "_compute", staticmethod(lambda *a: encoded.append(1) or compute(*a)))
     cached = train_category(p, "widget", manifest, tmp_path / "cached", progress=False)
     hits = 8 - len(encoded)
     monkeypatch.setattr("urd.train.FEATURE_CACHE_LIMIT_BYTES", 0)
@@ -134,5 +134,19 @@ def test_frozen_teacher_features_are_cached_without_changing_the_run(tiny, tmp_p
     assert [h["student"] for h in cached["history"]] == [h["student"] for h in fresh["history"]]
     a, b = load_file(str(tmp_path / "cached" / "model.safetensors")), load_file(str(tmp_path / "fresh" / "model.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    with_expert = train_category(params, "widget", manifest, tmp_path / "expert", progress=False, stop_after=1)
-    assert not with_expert["teacher_features_cached"]  # the teacher learns: its features change every step
+    assert not cached["expert_features_cached"]  # there is no expert
+
+
+def test_the_experts_features_are_cached_without_changing_the_run(tiny, tmp_path, monkeypatch):
+    params, manifest = tiny
+    p = params.model_copy(update={"model": params.model.model_copy(update={"expert": True}),
+                                  "train": params.train.model_copy(update={"iterations": 8, "checkpoint_every": 8})})
+    assert p.model.expert
+    cached = train_category(p, "widget", manifest, tmp_path / "cached", progress=False)
+    monkeypatch.setattr("urd.train.FEATURE_CACHE_LIMIT_BYTES", 0)
+    fresh = train_category(p, "widget", manifest, tmp_path / "fresh", progress=False)
+    assert cached["expert_features_cached"] and not fresh["expert_features_cached"]
+    assert not cached["teacher_features_cached"]  # the teacher learns: its features change every step
+    assert cached["history"] == fresh["history"] and len(cached["history"]) == 8
+    a, b = load_file(str(tmp_path / "cached" / "model.safetensors")), load_file(str(tmp_path / "fresh" / "model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -6,7 +6,7 @@ import torch
 
 from urd.config import TrainParams
 from urd.model import URD
-from urd.train import TeacherFeatureCache, make_optimizers, train_step
+from urd.train import FrozenFeatureCache, make_optimizers, train_step
 
 
 def _batch(size=64, batch=2):
@@ -76,13 +76,13 @@ def _frozen_teacher():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_teacher_feature_cache_encodes_each_image_once_and_returns_the_teachers_features(dtype):
+def test_feature_cache_encodes_each_image_once_and_returns_the_encoders_features(dtype):
     model, teacher = _frozen_teacher()
     images = torch.randn(6, 3, 64, 64)
     autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)  # noqa: E731
     with torch.no_grad(), autocast():
         expected = model.teacher(images)
-    cache = TeacherFeatureCache(num_images=6)
+    cache = FrozenFeatureCache(num_images=6)
     first = cache(teacher, images[[0, 1, 2]], torch.tensor([0, 1, 2]), autocast())
     # image 4 is new: the batch is encoded whole, as an uncached step would (same rounding)
     again = cache(teacher, images[[2, 4, 0]], torch.tensor([2, 4, 0]), autocast())
@@ -97,10 +97,10 @@ def test_teacher_feature_cache_encodes_each_image_once_and_returns_the_teachers_
         assert torch.equal(got[0], want[1])
 
 
-def test_teacher_feature_cache_keeps_nothing_over_its_limit_and_refuses_a_trainable_teacher():
+def test_feature_cache_keeps_nothing_over_its_limit_and_refuses_a_trainable_teacher():
     model, teacher = _frozen_teacher()
     images = torch.randn(2, 3, 64, 64)
-    cache = TeacherFeatureCache(num_images=100, limit_bytes=1000)
+    cache = FrozenFeatureCache(num_images=100, limit_bytes=1000)
     for _ in range(2):
         out = cache(teacher, images, torch.tensor([0, 1]), contextlib.nullcontext())
     assert not cache.enabled and cache.features is None and teacher.images == 4
@@ -108,8 +108,8 @@ def test_teacher_feature_cache_keeps_nothing_over_its_limit_and_refuses_a_traina
         assert all(torch.equal(a, b) for a, b in zip(out, model.teacher(images)))
     trainable = URD("resnet18", image_size=64)
     trainable.train()
-    with pytest.raises(ValueError, match="frozen teacher"):
-        TeacherFeatureCache(2)(trainable.teacher, images, torch.tensor([0, 1]), contextlib.nullcontext())
+    with pytest.raises(ValueError, match="frozen encoder"):
+        FrozenFeatureCache(2)(trainable.teacher, images, torch.tensor([0, 1]), contextlib.nullcontext())
 
 
 def test_known_teacher_features_give_the_same_step():
@@ -131,3 +131,24 @@ def test_known_teacher_features_give_the_same_step():
     model = URD("resnet18", image_size=64)  # expert on: the teacher learns, its features change every step
     with pytest.raises(ValueError, match="frozen"):
         train_step(model, make_optimizers(model, TrainParams()), normal, anomalous, mask, teacher_normal=[normal])
+
+
+def test_known_expert_features_give_the_same_step():
+    normal, anomalous, mask = _batch()
+    runs = []
+    for known in (False, True):
+        torch.manual_seed(0)
+        model = URD("resnet18", image_size=64)
+        opt = make_optimizers(model, TrainParams())
+        model.train()
+        features = None
+        if known:
+            with torch.no_grad():
+                features = model.expert(normal)
+        losses = train_step(model, opt, normal, anomalous, mask, expert_normal=features)
+        runs.append((losses, model.state_dict()))
+    assert runs[0][0] == runs[1][0] and set(runs[0][0]) == {"teacher", "student"}
+    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
+    model = URD("resnet18", image_size=64, expert=False)
+    with pytest.raises(ValueError, match="no expert"):
+        train_step(model, make_optimizers(model, TrainParams()), normal, anomalous, mask, expert_normal=[normal])

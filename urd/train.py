@@ -54,20 +54,20 @@ def phase(name: str) -> torch.profiler.record_function:
     return torch.profiler.record_function(f"urd.{name}")
 
 
-# Teacher features of the training images are kept when all of them fit in this many bytes (Lite0 at
-# 96 px: 47 KB per image in bf16; wide_resnet50_2 at 256 px: 3.7 MB, so 290 images).
+# Features of the training images are kept when all of them fit in this many bytes (Lite0 at 96 px:
+# 47 KB per image in bf16; wide_resnet50_2 at 256 px: 3.7 MB, so 290 images).
 FEATURE_CACHE_LIMIT_BYTES = 1 << 30
 
 
-class TeacherFeatureCache:
-    """Teacher features of the normal training images, computed once per image.
+class FrozenFeatureCache:
+    """A frozen encoder's features of the normal training images, computed once per image.
 
-    Valid only while the teacher is frozen (``model.expert: false``): an eval-mode network with fixed
-    weights maps an image to the same features every time, and training images are not augmented,
-    so the teacher pass over I_n (a quarter of an iteration's time at the demo settings) need not
-    be repeated. The synthetic I_a are new every iteration and still go through the teacher. When
-    the features of every training image would not fit in ``limit_bytes`` (default
-    :data:`FEATURE_CACHE_LIMIT_BYTES`), nothing is kept.
+    An eval-mode network with fixed weights maps an image to the same features every time, and
+    training images are not augmented, so its pass over I_n need not be repeated in later epochs.
+    The loop keeps one for the expert (always frozen) and one for the teacher when it is frozen
+    (``model.expert: false``); a trainable teacher's features change every step. The synthetic I_a
+    are new every iteration and are always encoded. When the features of every training image would
+    not fit in ``limit_bytes`` (default :data:`FEATURE_CACHE_LIMIT_BYTES`), nothing is kept.
     """
 
     def __init__(self, num_images: int, limit_bytes: int | None = None) -> None:
@@ -77,15 +77,15 @@ class TeacherFeatureCache:
         self.filled: Tensor | None = None  # N bool
         self.enabled = True
 
-    def __call__(self, teacher: Encoder, images: Tensor, indices: Tensor, autocast: contextlib.AbstractContextManager) -> list[Tensor]:
-        """Features of ``images`` (B x 3 x S x S, the training images at ``indices``) -> [F_T^1..3]."""
-        if teacher.training or any(p.requires_grad for p in teacher.parameters()):
-            raise ValueError("TeacherFeatureCache needs a frozen teacher in eval mode (model.expert: false)")
+    def __call__(self, encoder: Encoder, images: Tensor, indices: Tensor, autocast: contextlib.AbstractContextManager) -> list[Tensor]:
+        """Features of ``images`` (B x 3 x S x S, the training images at ``indices``) -> [F^1..3]."""
+        if encoder.training or any(p.requires_grad for p in encoder.parameters()):
+            raise ValueError("FrozenFeatureCache needs a frozen encoder in eval mode (the expert, or the teacher with model.expert: false)")
         if not self.enabled:
-            return self._compute(teacher, images, autocast)
+            return self._compute(encoder, images, autocast)
         indices = indices.to(images.device)
         if self.features is None:
-            computed = self._compute(teacher, images, autocast)
+            computed = self._compute(encoder, images, autocast)
             per_image = sum(f[0].numel() * f.element_size() for f in computed)
             if per_image * self.num_images > self.limit_bytes:
                 self.enabled = False
@@ -97,15 +97,15 @@ class TeacherFeatureCache:
             if not self.filled[indices].all():
                 # The whole batch, as an uncached step would encode it: convolutions may round
                 # differently at another batch size, and the cache must not change the run.
-                computed = self._compute(teacher, images, autocast)
+                computed = self._compute(encoder, images, autocast)
                 self._store(indices, computed)
                 return computed
         return [f[indices] for f in self.features]
 
     @staticmethod
-    def _compute(teacher: Encoder, images: Tensor, autocast: contextlib.AbstractContextManager) -> list[Tensor]:
+    def _compute(encoder: Encoder, images: Tensor, autocast: contextlib.AbstractContextManager) -> list[Tensor]:
         with torch.no_grad(), autocast:
-            return [f.detach() for f in teacher(images)]
+            return [f.detach() for f in encoder(images)]
 
     def _store(self, indices: Tensor, features: list[Tensor]) -> None:
         for cache, f in zip(self.features, features):
@@ -122,6 +122,7 @@ def train_step(
     teacher_synthetic_term: bool = False,
     autocast: contextlib.AbstractContextManager | None = None,
     teacher_normal: list[Tensor] | None = None,
+    expert_normal: list[Tensor] | None = None,
 ) -> dict[str, float]:
     """One step in the order of the authors' release (NOTES.md):
 
@@ -133,19 +134,23 @@ def train_step(
 
     ``anomalous``/``mask`` are None for plain RD (no denoising). Returns the losses as floats.
     ``autocast`` (bf16) covers the networks; losses and cosines are computed in fp32.
-    ``teacher_normal``: the frozen teacher's features of ``normal`` when they are already known
-    (:class:`TeacherFeatureCache`); with a trainable teacher they change every step and are an error.
+    ``teacher_normal`` / ``expert_normal``: the frozen teacher's / the expert's features of
+    ``normal`` when they are already known (:class:`FrozenFeatureCache`); a trainable teacher's
+    change every step, so passing them then is an error, as is passing expert features without an expert.
     """
     if teacher_normal is not None and optimizers.teacher is not None:
         raise ValueError("teacher_normal can only be passed when the teacher is frozen (model.expert: false)")
+    if expert_normal is not None and model.expert is None:
+        raise ValueError("expert_normal was passed but the model has no expert (model.expert: false)")
     autocast = autocast or contextlib.nullcontext()
     model.train()
     losses: dict[str, float] = {}
 
-    expert_normal = expert_anomalous = None
+    expert_anomalous = None
     if model.expert is not None:
         with phase("expert"), torch.no_grad(), autocast:
-            expert_normal = model.expert(normal)
+            if expert_normal is None:
+                expert_normal = model.expert(normal)
             if teacher_synthetic_term:
                 expert_anomalous = model.expert(anomalous)
 
@@ -374,7 +379,8 @@ def train_category(
     batches = train_batches(TrainDataset(train_paths, size, foreground), tp.batch_size, num_workers, seed=p.seed,
                             start_batch=start, pin_memory=device.type == "cuda")
     model.train()  # the teacher stays in eval mode when frozen
-    features = None if model.teacher_trainable else TeacherFeatureCache(len(train_paths))
+    teacher_features = None if model.teacher_trainable else FrozenFeatureCache(len(train_paths))
+    expert_features = None if model.expert is None else FrozenFeatureCache(len(train_paths))
     end = tp.iterations if stop_after is None else min(tp.iterations, start + stop_after)
     bar = tqdm(total=tp.iterations, initial=start, desc=f"train {category}", unit="it", disable=not progress, dynamic_ncols=True)
     started = time.perf_counter()
@@ -388,11 +394,15 @@ def train_category(
                 anomalous, mask = synth(images, batch["foreground"].to(device))
                 anomalous = anomalous.contiguous(memory_format=torch.channels_last)
         normal = images.contiguous(memory_format=torch.channels_last)
-        teacher_normal = None
-        if features is not None:
+        teacher_normal = expert_normal = None
+        if teacher_features is not None:
             with phase("teacher_features"):
-                teacher_normal = features(model.teacher, normal, batch["index"], autocast())
-        losses = train_step(model, optimizers, normal, anomalous, mask, p.model.teacher_synthetic_term, autocast(), teacher_normal)
+                teacher_normal = teacher_features(model.teacher, normal, batch["index"], autocast())
+        if expert_features is not None:
+            with phase("expert"):
+                expert_normal = expert_features(model.expert, normal, batch["index"], autocast())
+        losses = train_step(model, optimizers, normal, anomalous, mask, p.model.teacher_synthetic_term, autocast(),
+                            teacher_normal, expert_normal)
         if not all(math.isfinite(v) for v in losses.values()):
             raise FloatingPointError(f"loss became {losses} at iteration {iteration + 1}; lower the learning rates or use precision fp32")
         bar.update(1)
@@ -429,7 +439,8 @@ def train_category(
     summary: dict[str, Any] = {
         "category": category, "iterations_done": end, "iterations": tp.iterations, "device": str(device),
         "precision": precision, "precision_requested": tp.precision, "num_workers": num_workers,
-        "teacher_features_cached": features is not None and features.enabled, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
+        "teacher_features_cached": teacher_features is not None and teacher_features.enabled,
+        "expert_features_cached": expert_features is not None and expert_features.enabled, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
         "selection": tp.selection, "texture_source": texture_source, "dtd_root": p.synthesis.dtd_root,
         "history": history, "val_history": val_history,
     }

@@ -40,7 +40,7 @@ CACHE_LIMIT_BYTES = 1 << 30
 class TrainDataset(Dataset):
     """Normal training images -> {"image": 3xSxS uint8, "foreground": 1xSxS bool, "index": int}
     (``index``: the image's position in ``paths``, which keys per-image caches such as
-    :class:`urd.train.TeacherFeatureCache`)."""
+    :class:`urd.train.FrozenFeatureCache`)."""
 
     def __init__(self, paths: Sequence[str], image_size: int, foreground: np.ndarray | None = None) -> None:
         if foreground is not None and len(foreground) != len(paths):
