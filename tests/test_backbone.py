@@ -1,3 +1,5 @@
+import copy
+
 import pytest
 import torch
 from torchvision import models
@@ -130,3 +132,29 @@ def test_efficientnet_weights_file_and_missing_package(tmp_path, monkeypatch):
 def _resnet_file(tmp_path):
     torch.save(models.resnet18(weights=None).state_dict(), tmp_path / "r18.pth")
     return tmp_path / "r18.pth"
+
+
+def test_lite0_depthwise_convs_train_in_fp32_under_cpu_autocast_and_run_bf16_otherwise():
+    encoder = build_encoder("efficientnet_lite0", "none").train()
+    depthwise = [m for m in encoder.modules() if isinstance(m, torch.nn.Conv2d) and m.groups == m.in_channels > 1]
+    assert len(depthwise) == 11
+    x = torch.rand(2, 3, 64, 64)
+    seen = []
+    hooks = [m.register_forward_hook(lambda m, i, o: seen.append(o.dtype)) for m in depthwise]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        features = encoder(x)  # the teacher's step: weights trained
+    assert seen == [torch.float32] * 11
+    sum(f.float().mean() for f in features).backward()
+    assert all(m.weight.grad is not None and m.weight.grad.dtype == torch.float32 for m in depthwise)
+    seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        encoder(x)  # a frozen teacher, the expert, inference: unchanged
+    assert seen == [torch.bfloat16] * 11
+    expert = copy.deepcopy(encoder).requires_grad_(False)  # hooks are copied too
+    seen.clear()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expert(x)  # gradient on, but these weights are not trained
+    assert seen == [torch.bfloat16] * 11
+    for h in hooks:
+        h.remove()
+    assert list(encoder.state_dict()) == list(build_encoder("efficientnet_lite0", "none").state_dict())

@@ -82,6 +82,32 @@ class ResNetEncoder(Encoder):
         return [f1, f2, f3]
 
 
+class _TrainedInFp32OnCpu:
+    """Mixin for a depthwise convolution: while its weights are being trained on a CPU under bf16
+    autocast, it computes in fp32. oneDNN's bf16 depthwise backward is slow: with the expert on
+    (the teacher learns), Lite0's depthwise convs took 50-85 ms of a training step in bf16 and
+    14-21 ms in fp32, which made the whole bf16 step slower than fp32 (bench/README.md, Speed).
+    Without gradient (a frozen teacher, the expert, inference) nothing changes."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled() and self.weight.requires_grad:
+            with torch.autocast("cpu", enabled=False):
+                return super().forward(x.float())
+        return super().forward(x)
+
+
+_FP32_TRAINED: dict[type, type] = {}
+
+
+def _train_in_fp32_on_cpu(conv: nn.Conv2d) -> None:
+    # The class is swapped, not the module wrapped: state-dict keys stay timm's, and deep copies
+    # (the expert) and exports keep the behaviour.
+    cls = type(conv)
+    if cls not in _FP32_TRAINED:
+        _FP32_TRAINED[cls] = type(cls.__name__, (_TrainedInFp32OnCpu, cls), {})
+    conv.__class__ = _FP32_TRAINED[cls]
+
+
 class EfficientNetEncoder(Encoder):
     """EfficientNet stem + stages 0..4 -> the outputs of stages 1, 2 and 4 (strides 4, 8, 16;
     24, 40 and 112 channels for Lite0). Keys as in timm's full model, so its state dicts load."""
@@ -93,6 +119,9 @@ class EfficientNetEncoder(Encoder):
         self.conv_stem = net.conv_stem
         self.bn1 = net.bn1  # BatchNorm + ReLU6
         self.blocks = nn.Sequential(*list(net.blocks)[: self.taps[-1] + 1])
+        for module in self.blocks.modules():
+            if isinstance(module, nn.Conv2d) and module.groups > 1 and module.groups == module.in_channels:
+                _train_in_fp32_on_cpu(module)
 
     def features(self, x: Tensor) -> list[Tensor]:
         x = self.bn1(self.conv_stem(x))
