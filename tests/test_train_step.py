@@ -112,43 +112,26 @@ def test_feature_cache_keeps_nothing_over_its_limit_and_refuses_a_trainable_teac
         FrozenFeatureCache(2)(trainable.teacher, images, torch.tensor([0, 1]), contextlib.nullcontext())
 
 
-def test_known_teacher_features_give_the_same_step():
+@pytest.mark.parametrize("encoder, expert, wrong_error", [
+    ("teacher", False, "frozen"),  # with the expert on, the teacher learns: its features change every step
+    ("expert", True, "no expert"),
+])
+def test_known_frozen_features_give_the_same_step(encoder, expert, wrong_error):
     normal, anomalous, mask = _batch()
     runs = []
     for known in (False, True):
         torch.manual_seed(0)
-        model = URD("resnet18", image_size=64, expert=False)
+        model = URD("resnet18", image_size=64, expert=expert)
         opt = make_optimizers(model, TrainParams())
         model.train()
         features = None
         if known:
             with torch.no_grad():
-                features = model.teacher(normal)
-        losses = train_step(model, opt, normal, anomalous, mask, teacher_normal=features)
-        runs.append((losses, model.student.state_dict()))
-    assert runs[0][0] == runs[1][0]
-    assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
-    model = URD("resnet18", image_size=64)  # expert on: the teacher learns, its features change every step
-    with pytest.raises(ValueError, match="frozen"):
-        train_step(model, make_optimizers(model, TrainParams()), normal, anomalous, mask, teacher_normal=[normal])
-
-
-def test_known_expert_features_give_the_same_step():
-    normal, anomalous, mask = _batch()
-    runs = []
-    for known in (False, True):
-        torch.manual_seed(0)
-        model = URD("resnet18", image_size=64)
-        opt = make_optimizers(model, TrainParams())
-        model.train()
-        features = None
-        if known:
-            with torch.no_grad():
-                features = model.expert(normal)
-        losses = train_step(model, opt, normal, anomalous, mask, expert_normal=features)
+                features = getattr(model, encoder)(normal)
+        losses = train_step(model, opt, normal, anomalous, mask, **{f"{encoder}_normal": features})
         runs.append((losses, model.state_dict()))
-    assert runs[0][0] == runs[1][0] and set(runs[0][0]) == {"teacher", "student"}
+    assert runs[0][0] == runs[1][0] and set(runs[0][0]) == ({"teacher", "student"} if expert else {"student"})
     assert all(torch.equal(v, runs[1][1][k]) for k, v in runs[0][1].items())
-    model = URD("resnet18", image_size=64, expert=False)
-    with pytest.raises(ValueError, match="no expert"):
-        train_step(model, make_optimizers(model, TrainParams()), normal, anomalous, mask, expert_normal=[normal])
+    model = URD("resnet18", image_size=64, expert=not expert)  # where such features cannot be right
+    with pytest.raises(ValueError, match=wrong_error):
+        train_step(model, make_optimizers(model, TrainParams()), normal, anomalous, mask, **{f"{encoder}_normal": [normal]})
