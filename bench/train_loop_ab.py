@@ -33,7 +33,7 @@ from _machine import machine  # noqa: E402
 
 def worker(precision: str, iterations: int, warmup: int) -> dict:
     """Runs inside the tree on PYTHONPATH: its urd, its params.yaml."""
-    from train_profile import loop_run
+    from train_profile import loop_run, steady_state_warmup
 
     from urd.config import load_params
     from urd.data.manifest import ingest_category
@@ -48,9 +48,7 @@ def worker(precision: str, iterations: int, warmup: int) -> dict:
         workers = resolve_num_workers(workers)
     precision = precision if precision != "default" else params.train.precision
     manifest = ingest_category(params, category, progress=False)
-    # Timed at the steady state, after the first epoch (which fills this checkout's teacher feature
-    # cache), as bench/train_profile.py times it; the same warm-up on both sides.
-    warmup = max(warmup, int((manifest["split"] == "train").sum()) // params.train.batch_size + 1)
+    warmup = steady_state_warmup(manifest, params.train.batch_size, warmup)  # the same on both sides
     seconds, _ = loop_run(params, category, manifest, precision, workers, iterations, warmup)
     return {"precision": precision, "num_workers": workers, "warmup": warmup, "ms_per_iteration": 1000 * seconds,
             "images_per_s": params.train.batch_size / seconds}

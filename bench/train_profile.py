@@ -17,8 +17,8 @@ In one run, on one machine:
    bf16 roofs.
 4. **The library's loop** (``urd.train.train_category`` on the demo's last category, params.yaml)
    per precision and ``train.num_workers``, taking turns ``--rounds`` times: median ms/iteration
-   after the warm-up (at least one epoch when the teacher is frozen, so that the feature cache is
-   full), images/s.
+   after the warm-up (at least one epoch, so that the frozen encoders' feature caches are full),
+   images/s.
 5. **Profile** of the default configuration (torch.profiler over the ``urd.*`` ranges that the loop
    and ``train_step`` mark): data loading, synthesis, teacher features, student forward, backward,
    optimizer, and what no range covers (loop overhead: progress bar, logging). "Outside torch ops"
@@ -99,9 +99,17 @@ def batch_of(size: int, batch: int, channels_last: bool):
 
 def known_teacher_features(model: URD, normal: torch.Tensor, precision: str) -> list[torch.Tensor]:
     """What urd.train.FrozenFeatureCache hands train_step once an image has been seen."""
-    model.train()
-    with torch.no_grad(), autocast(precision)():
-        return model.teacher(normal)
+    # Imported here: bench/train_loop_ab.py loads this file beside an earlier urd that lacks it.
+    from urd.train import FrozenFeatureCache
+
+    model.train()  # the frozen teacher stays in eval mode
+    return FrozenFeatureCache(len(normal))(model.teacher, normal, torch.arange(len(normal)), autocast(precision)())
+
+
+def steady_state_warmup(manifest, batch_size: int, at_least: int) -> int:
+    """Warm-up iterations before the loop is timed: at least one epoch, which fills the frozen
+    encoders' feature caches (urd.train.FrozenFeatureCache)."""
+    return max(at_least, int((manifest["split"] == "train").sum()) // batch_size + 1)
 
 
 def iteration_flops(params, cached: bool = False) -> int:
@@ -234,9 +242,7 @@ def main() -> None:
     show(table)
 
     manifest = ingest_category(params, category, progress=False)
-    # The loop is timed at its steady state: after the first epoch, which fills the feature cache.
-    epoch = int((manifest["split"] == "train").sum()) // batch
-    warmup = max(args.warmup, epoch + 1) if caching else args.warmup
+    warmup = steady_state_warmup(manifest, batch, args.warmup)
     flops = flops[caching]
     configs = [(precision, workers) for precision in precisions for workers in args.workers]
     rounds: dict[tuple[str, int], list[float]] = {c: [] for c in configs}

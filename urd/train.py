@@ -79,8 +79,6 @@ class FrozenFeatureCache:
 
     def __call__(self, encoder: Encoder, images: Tensor, indices: Tensor, autocast: contextlib.AbstractContextManager) -> list[Tensor]:
         """Features of ``images`` (B x 3 x S x S, the training images at ``indices``) -> [F^1..3]."""
-        if encoder.training or any(p.requires_grad for p in encoder.parameters()):
-            raise ValueError("FrozenFeatureCache needs a frozen encoder in eval mode (the expert, or the teacher with model.expert: false)")
         if not self.enabled:
             return self._compute(encoder, images, autocast)
         indices = indices.to(images.device)
@@ -104,6 +102,9 @@ class FrozenFeatureCache:
 
     @staticmethod
     def _compute(encoder: Encoder, images: Tensor, autocast: contextlib.AbstractContextManager) -> list[Tensor]:
+        # Checked where the encoder runs (the first call always does), not on every cache hit.
+        if encoder.training or any(p.requires_grad for p in encoder.parameters()):
+            raise ValueError("FrozenFeatureCache needs a frozen encoder in eval mode (the expert, or the teacher with model.expert: false)")
         with torch.no_grad(), autocast:
             return [f.detach() for f in encoder(images)]
 
