@@ -6,7 +6,7 @@ import torch
 
 from urd.config import TrainParams
 from urd.model import URD
-from urd.train import FrozenFeatureCache, make_optimizers, train_step
+from urd.train import FrozenFeatureCache, make_optimizers, student_pass, train_step
 
 
 def _batch(size=64, batch=2):
@@ -135,3 +135,31 @@ def test_known_frozen_features_give_the_same_step(encoder, expert, wrong_error):
     model = URD("resnet18", image_size=64, expert=not expert)  # where such features cannot be right
     with pytest.raises(ValueError, match=wrong_error):
         train_step(model, make_optimizers(model, TrainParams()), normal, anomalous, mask, **{f"{encoder}_normal": [normal]})
+
+
+def test_student_pass_splits_one_pass_over_both_batches_back_into_normal_and_synthetic():
+    torch.manual_seed(0)
+    model = URD("resnet18", image_size=64)
+    normal, anomalous, _ = _batch(batch=3)
+    with torch.no_grad():
+        t_n, t_a = model.teacher(normal), model.teacher(anomalous)
+        model.eval()  # running statistics: each image's output depends on itself only
+        s_n, s_a = student_pass(model, t_n, t_a)
+        for joint, alone in ((s_n, model.student(t_n)), (s_a, model.student(t_a))):
+            assert [f.shape for f in joint] == [f.shape for f in alone]
+            assert all(torch.allclose(j, a, atol=1e-5) for j, a in zip(joint, alone))
+        assert not torch.allclose(s_n[0], s_a[0], atol=1e-3)  # the halves are not the same images
+        only_normal, none = student_pass(model, t_n, None)
+        assert none is None and all(torch.allclose(j, a, atol=1e-5) for j, a in zip(only_normal, s_n))
+        # In train mode BatchNorm's batch statistics cover all 2B images, as for one batch of 2B.
+        model.train()
+        first_bn = next(m for m in model.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        first_bn.reset_running_stats()
+        first_bn.momentum = 1.0  # running_mean = the last batch's mean
+        student_pass(model, t_n, t_a)
+        joint_mean = first_bn.running_mean.clone()
+        first_bn.reset_running_stats()
+        model.student([torch.cat(pair) for pair in zip(t_n, t_a)])
+        assert torch.allclose(joint_mean, first_bn.running_mean)
+        model.student(t_n)
+        assert not torch.allclose(joint_mean, first_bn.running_mean)
