@@ -1,13 +1,15 @@
 """Training-loop speed of this checkout against an earlier commit, same machine, same run.
 
     python bench/train_loop_ab.py --before 47bb5fd [--iterations 30] [--warmup 5] [--rounds 2]
+                                  [--before-precisions fp32 [bf16]] [--name cpu]
 
 Checks the earlier commit out into a temporary git worktree and times the library's loop
 (``urd.train.train_category`` at params.yaml's demo settings, as bench/train_profile.py does:
 median ms/iteration after the warm-up, at least one epoch) alternately in both trees, each configuration in its own
-process: the earlier commit at its own defaults (fp32, ``num_workers`` from its params.yaml) and
-this checkout at each precision the CPU runs natively. Alternating rounds keep a noisy neighbour
-from favouring one side. Writes bench/results/train_loop_ab_cpu.json.
+process: the earlier commit with ``num_workers`` from its params.yaml, in fp32 (or the
+``--before-precisions`` given, for an earlier commit that has bf16 too) and this checkout at each
+precision the CPU runs natively. Alternating rounds keep a noisy neighbour from favouring one side.
+Writes bench/results/train_loop_ab_<name>.json.
 """
 
 from __future__ import annotations
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--before-precisions", nargs="+", default=["fp32"], choices=("fp32", "bf16"))
+    parser.add_argument("--name", default="cpu", help="results file suffix")
     parser.add_argument("--worker", nargs=2, default=None, metavar=("PRECISION", "TREE"))
     args = parser.parse_args()
     if args.worker:
@@ -76,7 +80,7 @@ def main() -> None:
         try:
             (tree / "data" / "raw").mkdir(parents=True, exist_ok=True)
             (tree / "data" / "raw" / "demo").symlink_to(ROOT / "data" / "raw" / "demo")  # the same generated demo images
-            cases = [("before", tree, "fp32")] + [("after", ROOT, p) for p in after_precisions]
+            cases = [("before", tree, p) for p in args.before_precisions] + [("after", ROOT, p) for p in after_precisions]
             for _ in range(args.rounds):
                 for side, where, precision in cases:
                     env = {**os.environ, "PYTHONPATH": f"{where}{os.pathsep}{BENCH}"}
@@ -100,7 +104,7 @@ def main() -> None:
         table.add_row(r["case"], str(r["num_workers"]), f"{r['ms_per_iteration']:.0f}", f"{r['images_per_s']:.1f}",
                       f"{r['images_per_s'] / base:.2f}x", " ".join(f"{x:.0f}" for x in r["rounds_ms"]))
     Console(width=120).print(table)
-    out = BENCH / "results" / "train_loop_ab_cpu.json"
+    out = BENCH / "results" / f"train_loop_ab_{args.name}.json"
     out.write_text(json.dumps({"machine": machine(), "before": before_commit, "iterations": args.iterations, "warmup_at_least": args.warmup,
                                "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
