@@ -118,12 +118,12 @@ def student_pass(model: URD, teacher_normal: list[Tensor], teacher_anomalous: li
     """F_S of I_n and of I_a in one pass over the 2B images, split back into the two halves.
 
     The authors' release runs the student twice, once per batch. One pass halves the number of
-    convolution calls, whose per-call cost dominates at small feature maps (CPU training step 20-25%
-    faster at the demo settings, bench/README.md "Speed"); BatchNorm's batch statistics then cover
-    normal and synthetic images together, as for one batch of 2B, with test metrics unchanged within
-    the seed spread (the same section)."""
+    convolution calls, whose per-call cost dominates at small feature maps (the CPU training loop at
+    the demo settings 1.16x faster in fp32, 1.37x in bf16; bench/README.md "Speed"). BatchNorm's
+    batch statistics then cover normal and synthetic images together, as for one batch of 2B; test
+    metrics moved within the seed spread (the same section). Without I_a (plain RD): F_S(I_n), None."""
     if teacher_anomalous is None:
-        return model.student(teacher_normal), (None if teacher_anomalous is None else model.student(teacher_anomalous))
+        return model.student(teacher_normal), None
     batch = len(teacher_normal[0])
     both = model.student([torch.cat(pair) for pair in zip(teacher_normal, teacher_anomalous)])
     return [f[:batch] for f in both], [f[batch:] for f in both]
@@ -146,7 +146,8 @@ def train_step(
     2. teacher step on L_TE, teacher in train mode (eval mode with ``teacher_batchnorm: frozen``),
        on its own optimizer;
     3. teacher switched to eval mode, its features recomputed without gradient;
-    4. student (bottleneck + decoder + GII) step on L_S, on its own optimizer.
+    4. student (bottleneck + decoder + GII) step on L_S, on its own optimizer; the student sees
+       I_n and I_a in one pass (:func:`student_pass`), where the release runs it once per batch.
 
     ``anomalous``/``mask`` are None for plain RD (no denoising). Returns the losses as floats.
     ``autocast`` (bf16) covers the networks; losses and cosines are computed in fp32.
