@@ -98,7 +98,7 @@ def main() -> None:
                      "rounds_ms": [r["ms_per_iteration"] for r in results]})
     base = rows[0]["images_per_s"]
     table = Table(title=f"Training loop, {before_commit} vs this checkout (median ms/iteration, {args.rounds} alternating rounds)")
-    for col in ("case", "num_workers", "ms / it", "images / s", "vs before fp32", "rounds (ms)"):
+    for col in ("case", "num_workers", "ms / it", "images / s", f"vs {rows[0]['case']}", "rounds (ms)"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(r["case"], str(r["num_workers"]), f"{r['ms_per_iteration']:.0f}", f"{r['images_per_s']:.1f}",
