@@ -14,7 +14,8 @@ import json
 import sys
 from pathlib import Path
 
-from urd.config import ConfigError, Params, load_params
+from urd.config import RUNTIME_KEYS, ConfigError, Params, load_params
+from urd.runtime import ThreadBudget
 
 PARAMS = Path("params.yaml")
 DEMO_ROOT = Path("data/raw/demo")
@@ -55,7 +56,7 @@ def paths(category: str = "") -> dict[str, Path]:
 
 def stage_params(params: Params, category: str, stage: str) -> dict[str, object]:
     """The values of STAGE_PARAMS[stage] for ``category`` (after its override), by dotted key."""
-    tree = params.for_category(category).model_dump(mode="json", exclude={"overrides"})
+    tree = params.for_category(category).model_dump(mode="json", exclude={"overrides": True, **RUNTIME_KEYS})
     values: dict[str, object] = {}
     for key in STAGE_PARAMS[stage]:
         node: object = tree
@@ -132,7 +133,7 @@ def train(params: Params, category: str) -> None:
     resume = checkpoint.exists()
     if resume:
         state = load_checkpoint(checkpoint)
-        if state.get("params") != json.dumps(params.for_category(category).model_dump(), sort_keys=True) or state.get("data") != data_fingerprint(manifest):
+        if state.get("params") != params.for_category(category).fingerprint() or state.get("data") != data_fingerprint(manifest):
             # An interrupted run with other params or images (DVC reruns train when they change): start over.
             shutil.rmtree(checkpoint.parent)
             resume = False
@@ -320,11 +321,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if not args.category:
                 parser.error(f"{args.stage} needs --category")
-            params.for_category(args.category)  # unknown category -> clear error
+            threads = params.for_category(args.category).train.threads  # unknown category -> clear error
             if args.stage == "promote":
                 promote(params, args.category, args.dry_run, args.version)
             else:
-                STAGES[args.stage](params, args.category)
+                with ThreadBudget(threads):  # this host's cores, shared with the urd jobs beside it
+                    STAGES[args.stage](params, args.category)
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
         print(f"error in {args.stage}{' for ' + args.category if args.category else ''}: {exc}", file=sys.stderr)
         return 1

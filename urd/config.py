@@ -9,6 +9,7 @@ validated again, so an override can never smuggle in an unknown key either.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -18,6 +19,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 BackboneName = Literal["resnet18", "resnet34", "resnet50", "wide_resnet50_2", "efficientnet_lite0"]
 GIIMode = Literal["none", "skip", "gii"]
 DatasetName = Literal["demo", "mvtec", "mpdd", "btad", "visa", "folder"]
+
+
+# Settings of how a job runs, not of what it computes: a change reruns no DVC stage and does not
+# stop a checkpoint from being resumed.
+RUNTIME_KEYS: dict[str, set[str]] = {"train": {"threads"}}
 
 
 class ConfigError(ValueError):
@@ -99,6 +105,10 @@ class TrainParams(_Section):
     )
     selection: Literal["last", "val_score"] = Field(
         "last", description="checkpoint kept: the last one, or the lowest mean anomaly score on the val split"
+    )
+    threads: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="CPU threads for the math; auto = URD_THREADS when set, else the cores this process may use (affinity, "
+        "cgroup quota) shared among the urd jobs running on this host (urd/runtime.py). A runtime setting: changing it retrains nothing",
     )
 
 
@@ -212,6 +222,11 @@ class Params(_Section):
             except ValidationError as exc:
                 raise ValueError(f"overrides.{category}: {format_validation_error(exc, 'overrides.' + category)}") from None
         return self
+
+    def fingerprint(self) -> str:
+        """These params as JSON without the runtime settings (RUNTIME_KEYS) that do not change what
+        is trained: what a checkpoint must match to be resumed."""
+        return json.dumps(self.model_dump(exclude=RUNTIME_KEYS), sort_keys=True)
 
     def for_category(self, category: str) -> Params:
         """The params one category trains with: the base deep-merged with its override."""

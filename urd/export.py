@@ -192,7 +192,11 @@ class OnnxBundle:
             fix = "package it with package.quantize: int8 (params.yaml)" if precision == "int8" else "re-export it with the onnx format"
             raise FileNotFoundError(f"{graph} not found: this bundle has no {precision} ONNX graph; {fix}.")
         self.precision = precision
-        self.session = onnxruntime.InferenceSession(str(graph), providers=["CPUExecutionProvider"])
+        options = onnxruntime.SessionOptions()
+        # ORT would start one thread per core whatever else runs here; take this process's budget
+        # instead (the pipeline sets it from urd.runtime.ThreadBudget).
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})

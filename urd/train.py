@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm import tqdm
 
 from .checkpoint import atomic_write_text, load_checkpoint, model_meta, save_checkpoint, save_model
 from .config import Params, TrainParams
@@ -29,6 +28,8 @@ from .data.torch_data import EvalDataset, TrainDataset, eval_loader, to_unit, tr
 from .model.backbone import Encoder
 from .model.losses import student_loss, teacher_loss
 from .model.urd import URD, InferenceGraph
+from .progress import Progress
+from .runtime import ThreadBudget
 
 
 @dataclass
@@ -275,12 +276,14 @@ def score_images(
     graph.eval().to(memory_format=torch.channels_last)
     maps, scores, masks = [], [], []
     loader = eval_loader(EvalDataset(rows, image_size), batch_size)
-    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
-        with autocast():
-            amap, score = graph(batch["image"].to(device, memory_format=torch.channels_last))
-        maps.append(amap[:, 0].float().cpu().numpy())
-        scores.append(score.float().cpu().numpy())
-        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+    with Progress(len(loader), desc, unit="batch", enabled=progress) as bar:
+        for batch in loader:
+            with autocast():
+                amap, score = graph(batch["image"].to(device, memory_format=torch.channels_last))
+            maps.append(amap[:, 0].float().cpu().numpy())
+            scores.append(score.float().cpu().numpy())
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+            bar.update(1)
     if not maps:
         s = image_size
         return np.zeros((0, s, s), np.float32), np.zeros(0, np.float32), np.zeros((0, s, s), bool)
@@ -367,7 +370,7 @@ def train_category(
     synth = AnomalySynthesizer(p.synthesis, torch.from_numpy(textures).permute(0, 3, 1, 2).contiguous(), seed=p.seed, device=device)
 
     start, history, val_history, best = 0, [], [], None
-    params_json = json.dumps(p.model_dump(), sort_keys=True)
+    params_json = p.fingerprint()
     data = data_fingerprint(manifest)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
@@ -398,63 +401,64 @@ def train_category(
     teacher_features = None if model.teacher_trainable else FrozenFeatureCache(len(train_paths))
     expert_features = None if model.expert is None else FrozenFeatureCache(len(train_paths))
     end = tp.iterations if stop_after is None else min(tp.iterations, start + stop_after)
-    bar = tqdm(total=tp.iterations, initial=start, desc=f"train {category}", unit="it", disable=not progress, dynamic_ncols=True)
-    started = time.perf_counter()
-    for iteration in range(start, end):
-        with phase("data"):
-            batch = next(batches)
-            images = batch["image"].to(device, non_blocking=True).float().div_(255)
-        anomalous = mask = None
-        with phase("synthesis"):
-            if p.model.denoising:
-                anomalous, mask = synth(images, batch["foreground"].to(device))
-                anomalous = anomalous.contiguous(memory_format=torch.channels_last)
-        normal = images.contiguous(memory_format=torch.channels_last)
-        teacher_normal = expert_normal = None
-        if teacher_features is not None:
-            with phase("teacher_features"):
-                teacher_normal = teacher_features(model.teacher, normal, batch["index"], autocast())
-        if expert_features is not None:
-            with phase("expert"):
-                expert_normal = expert_features(model.expert, normal, batch["index"], autocast())
-        losses = train_step(model, optimizers, normal, anomalous, mask, p.model.teacher_synthetic_term, autocast(),
-                            teacher_normal, expert_normal)
-        if not all(math.isfinite(v) for v in losses.values()):
-            raise FloatingPointError(f"loss became {losses} at iteration {iteration + 1}; lower the learning rates or use precision fp32")
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.4f}" for k, v in losses.items()})
-        done = iteration + 1
-        if done % tp.log_every == 0 or done == tp.iterations:
-            history.append({"iteration": done, **losses})
-            if on_log is not None:
-                on_log(done, losses)
-        if done % tp.checkpoint_every == 0 or done == tp.iterations:
-            if on_checkpoint is not None:
-                on_checkpoint(done, model)
-            if tp.selection == "val_score" and len(val_rows):
-                _, val_scores, _ = score_images(model.inference_graph(), val_rows, size, device, tp.batch_size, autocast)
-                val_history.append({"iteration": done, "val_mean_score": float(val_scores.mean())})
-                if best is None or val_history[-1]["val_mean_score"] < best["val_mean_score"]:
-                    best = val_history[-1]
-                    save_model(model, model_meta(p, category), out_dir / "best")
-            save_checkpoint(checkpoint_path, {
-                "model": model.state_dict(),
-                "optimizer_student": optimizers.student.state_dict(),
-                **({"optimizer_teacher": optimizers.teacher.state_dict()} if optimizers.teacher is not None else {}),
-                "rng": _rng_state(synth),
-                "iteration": done,
-                "history": json.dumps(history),
-                "val_history": json.dumps(val_history),
-                "best": json.dumps(best),
-                "params": params_json,
-                "data": data,
-            })
+    bar = Progress(tp.iterations, f"train {category}", initial=start, enabled=progress)
+    with ThreadBudget(tp.threads) as budget:
+        started = time.perf_counter()
+        for iteration in range(start, end):
+            budget.refresh()  # a job started or ended beside this one: take its share of the cores
+            with phase("data"):
+                batch = next(batches)
+                images = batch["image"].to(device, non_blocking=True).float().div_(255)
+            anomalous = mask = None
+            with phase("synthesis"):
+                if p.model.denoising:
+                    anomalous, mask = synth(images, batch["foreground"].to(device))
+                    anomalous = anomalous.contiguous(memory_format=torch.channels_last)
+            normal = images.contiguous(memory_format=torch.channels_last)
+            teacher_normal = expert_normal = None
+            if teacher_features is not None:
+                with phase("teacher_features"):
+                    teacher_normal = teacher_features(model.teacher, normal, batch["index"], autocast())
+            if expert_features is not None:
+                with phase("expert"):
+                    expert_normal = expert_features(model.expert, normal, batch["index"], autocast())
+            losses = train_step(model, optimizers, normal, anomalous, mask, p.model.teacher_synthetic_term, autocast(),
+                                teacher_normal, expert_normal)
+            if not all(math.isfinite(v) for v in losses.values()):
+                raise FloatingPointError(f"loss became {losses} at iteration {iteration + 1}; lower the learning rates or use precision fp32")
+            bar.update(1, losses)
+            done = iteration + 1
+            if done % tp.log_every == 0 or done == tp.iterations:
+                history.append({"iteration": done, **losses})
+                if on_log is not None:
+                    on_log(done, losses)
+            if done % tp.checkpoint_every == 0 or done == tp.iterations:
+                if on_checkpoint is not None:
+                    on_checkpoint(done, model)
+                if tp.selection == "val_score" and len(val_rows):
+                    _, val_scores, _ = score_images(model.inference_graph(), val_rows, size, device, tp.batch_size, autocast)
+                    val_history.append({"iteration": done, "val_mean_score": float(val_scores.mean())})
+                    if best is None or val_history[-1]["val_mean_score"] < best["val_mean_score"]:
+                        best = val_history[-1]
+                        save_model(model, model_meta(p, category), out_dir / "best")
+                save_checkpoint(checkpoint_path, {
+                    "model": model.state_dict(),
+                    "optimizer_student": optimizers.student.state_dict(),
+                    **({"optimizer_teacher": optimizers.teacher.state_dict()} if optimizers.teacher is not None else {}),
+                    "rng": _rng_state(synth),
+                    "iteration": done,
+                    "history": json.dumps(history),
+                    "val_history": json.dumps(val_history),
+                    "best": json.dumps(best),
+                    "params": params_json,
+                    "data": data,
+                })
     bar.close()
     elapsed = time.perf_counter() - started
 
     summary: dict[str, Any] = {
         "category": category, "iterations_done": end, "iterations": tp.iterations, "device": str(device),
-        "precision": precision, "precision_requested": tp.precision, "num_workers": num_workers,
+        "precision": precision, "precision_requested": tp.precision, "num_workers": num_workers, **budget.record(),
         "teacher_features_cached": teacher_features is not None and teacher_features.enabled,
         "expert_features_cached": expert_features is not None and expert_features.enabled, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
         "selection": tp.selection, "texture_source": texture_source, "dtd_root": p.synthesis.dtd_root,
