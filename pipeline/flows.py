@@ -21,11 +21,7 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -38,118 +34,13 @@ from prefect import flow, get_run_logger, task
 from urd.config import Params, load_params
 
 from . import tracking
+from .process import StageFailed, failure_summary, run_logged
 from .stages import paths
+from .workspace import GLOBAL_STAGES, changed_categories, data_pointers, dvc, git, merge_category, stage_category, stage_env, travel_problems
 
-GLOBAL_STAGES = ("demo_data", "textures")
 LOCK_ARTIFACT = "dvc-lock"
 REPORT_ARTIFACT = "retrain-report"
 GPU_LIMIT = "gpu"
-# Output of a failed command that says "try again later", not "this will fail again": another
-# DVC process holds the lock, the MLflow server or a remote is briefly unreachable, SQLite busy.
-TRANSIENT = re.compile(
-    r"Unable to acquire lock|is locked by|database is locked|Connection refused|ConnectionError|Max retries exceeded|"
-    r"Temporary failure in name resolution|Service Unavailable|\b50[234]\b|Read timed out|RemoteDisconnected",
-    re.IGNORECASE,
-)
-
-
-class StageFailed(RuntimeError):
-    """A command failed; ``transient`` says whether running it again may help."""
-
-    def __init__(self, message: str, transient: bool = False) -> None:
-        super().__init__(message)
-        self.transient = transient
-
-
-def run_logged(cmd: list[str], cwd: str | Path, timeout_s: float | None = None, env: dict[str, str] | None = None,
-               log: Callable[[str], None] = print) -> str:
-    """Run ``cmd`` in its own process group, each output line to ``log``; returns the output.
-
-    At ``timeout_s`` the whole group (DVC and the stage it started) gets SIGTERM, then SIGKILL
-    after 10 s: a timeout that only stopped waiting would leave training running behind it.
-    Raises StageFailed (``transient`` when the output looks like a lock or network hiccup)."""
-    proc = subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-                            start_new_session=True)
-    lines: list[str] = []
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line)
-            log(line.rstrip())
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
-    try:
-        proc.wait(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        reader.join(5)
-        raise StageFailed(f"`{' '.join(cmd)}` ran past its timeout of {timeout_s:.0f} s (retrain.stage_timeout_minutes) and was killed "
-                          "with its process group") from None
-    reader.join(30)
-    output = "".join(lines)
-    if proc.returncode != 0:
-        raise StageFailed(f"`{' '.join(cmd)}` failed (exit {proc.returncode}): {failure_summary(output)}", transient=bool(TRANSIENT.search(output)))
-    return output
-
-
-def failure_summary(output: str) -> str:
-    """The lines of a failed run a person needs: the stage's own error paragraph (`error in ...`
-    and its indented details) and DVC's verdict; else the last lines."""
-    lines = output.strip().splitlines()
-    keep, inside = [], False
-    for line in lines:
-        if line.startswith("error in "):
-            inside = True
-        elif inside and not line.startswith(("  ", "Nothing downstream")):
-            inside = False
-        if inside or line.startswith("ERROR:"):
-            keep.append(line.strip())
-    return " ".join(keep[:12]) if keep else " ".join(line.strip() for line in lines[-5:])
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-def _dvc(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dvc", *args]
-
-
-def _stage_env() -> dict[str, str]:
-    """Stage commands call `python -m pipeline`: this interpreter's, first on PATH."""
-    return os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-
-
-def stage_category(stage: str) -> str | None:
-    """'train@widget' -> 'widget'; global stages -> None."""
-    return stage.split("@", 1)[1] if "@" in stage else None
-
-
-def changed_categories(root: Path, categories: list[str]) -> dict[str, list[str]]:
-    """{category: its stages `dvc status` reports as changed}; a changed global stage (demo data,
-    textures) puts every category in."""
-    output = subprocess.run(_dvc("status", "--json"), cwd=root, capture_output=True, text=True, env=_stage_env())
-    if output.returncode != 0:
-        raise StageFailed(f"`dvc status` failed in {root}:\n{output.stdout}{output.stderr}")
-    status = json.loads(output.stdout.strip().splitlines()[-1] or "{}") if output.stdout.strip() else {}
-    changed: dict[str, list[str]] = {}
-    global_changed = [s for s in status if stage_category(s) is None and s.split(":")[-1] in GLOBAL_STAGES]
-    for category in categories:
-        own = [s for s in status if stage_category(s) == category]
-        if own or global_changed:
-            changed[category] = global_changed + own
-    return changed
 
 
 def stages_ran(output: str) -> list[str]:
@@ -168,10 +59,10 @@ def _retry_transient(task, task_run, state) -> bool:
 
 
 @task(name="dvc-repro", retry_condition_fn=_retry_transient)
-def repro_category(root: str, category: str, timeout_s: float) -> list[str]:
+def repro_category(root: str, category: str, timeout_s: float, lock_wait_s: float = 1800.0) -> list[str]:
     """`dvc repro package@<category>`: the category's stages that need it (and global ones)."""
     logger = get_run_logger()
-    output = run_logged(_dvc("repro", f"package@{category}"), root, timeout_s, env=_stage_env(), log=logger.info)
+    output = dvc(root, "repro", f"package@{category}", log=logger.info, timeout_s=timeout_s, lock_wait_s=lock_wait_s)
     return stages_ran(output)
 
 
@@ -204,23 +95,26 @@ def _run_link(run_file: Path) -> str:
     return f"`{run['run_id'][:8]}` in `{uri}`"
 
 
-def report_markdown(results: list[CategoryResult], root: Path, nothing_changed: bool, promote: bool, fan_out: bool) -> str:
-    """The ``retrain-report`` artifact: per category what ran, metrics, decision and why, links."""
+def report_markdown(results: list[CategoryResult], root: Path, nothing_changed: bool, promote: bool, fan_out: bool,
+                    notes: list[str] | None = None) -> str:
+    """The ``retrain-report`` artifact: per category what ran, metrics, decision and why, links;
+    then anything the operator must know (a stopped run, a checkout still changed, two schedules)."""
+    tail = "".join(f"\n- **note:** {note}" for note in notes or []) + ("\n" if notes else "")
     if nothing_changed:
-        return "# Retrain: nothing changed\n\n`dvc status` reports no change in data, params or code: nothing ran, nothing was promoted.\n"
+        return "# Retrain: nothing changed\n\n`dvc status` reports no change in data, params or code: nothing ran, nothing was promoted.\n" + tail
     lines = [f"# Retrain: {sum(not r.error for r in results)} of {len(results)} categories rebuilt" + (" (fan-out)" if fan_out else ""), "",
              "| category | stages run | result | I-AUROC | P-AUROC | AUPRO | decision | why | model card | MLflow run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         m = r.metrics
         fmt = lambda k: f"{100 * m[k]:.1f}" if k in m else "-"  # noqa: E731
-        decision = r.gate.get("decision", "not gated" if not promote else "-")
+        decision = r.gate.get("decision", "not gated" if not promote or r.error else "-")
         why = r.gate.get("reason", "") if r.gate else r.error
         card = paths(r.category)["bundle"] / "model_card.md"
         lines.append(f"| {r.category} | {len(r.ran)} ({', '.join(s.split('@')[0] for s in r.ran) or 'none'}) | {'FAILED' if r.error else 'ok'} | "
                      f"{fmt('image_auroc')} | {fmt('pixel_auroc')} | {fmt('pixel_aupro')} | **{decision}** | {why.replace('|', '/').replace(chr(10), ' ')} | "
                      f"{'`' + str(card) + '`' if (root / card).is_file() and not r.error else '-'} | {r.mlflow_run or '-'} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + tail
 
 
 def _collect(root: Path, result: CategoryResult) -> None:
@@ -238,43 +132,73 @@ def retrain(categories: list[str] | None = None, promote: bool = True, fan_out: 
 
     logger = get_run_logger()
     root_path = Path(root).resolve()
-    params = load_params(root_path / "params.yaml")
-    wanted = categories or params.dataset.categories
-    for category in wanted:
-        params.for_category(category)  # an unknown category fails the run here, with the fix
-    changed = changed_categories(root_path, wanted)
-    if not changed:
-        logger.info("nothing changed (dvc status): nothing to run, nothing to promote")
-        create_markdown_artifact(report_markdown([], root_path, True, promote, fan_out), key=REPORT_ARTIFACT, description="retrain: nothing changed")
-        return {"changed": [], "failed": []}
-    results = {c: CategoryResult(c) for c in changed}
-    if fan_out:
-        _fan_out(root_path, results, params, repo)
-    else:
-        for category, result in results.items():
-            rp = params.for_category(category).retrain
-            state = repro_category.with_options(retries=rp.retries, retry_delay_seconds=rp.retry_delay_seconds)(
-                str(root_path), category, rp.stage_timeout_minutes * 60, return_state=True)
-            if state.is_failed():
-                result.error = _error_text(state)
-            else:
-                result.ran = state.result()
-    for result in results.values():
-        if result.error:
-            continue  # its metrics and MLflow run on disk are an earlier run's: the report shows none
-        _collect(root_path, result)
-        if promote:
-            state = gate_category(str(root_path), result.category, return_state=True)
-            if state.is_failed():
-                result.error = "promotion gate failed: " + _error_text(state)
-            else:
-                result.gate = state.result()
-    markdown = report_markdown(list(results.values()), root_path, False, promote, fan_out)
-    create_markdown_artifact(markdown, key=REPORT_ARTIFACT, description=f"retrain of {', '.join(results)}")
+    results: dict[str, CategoryResult] = {}
+    notes: list[str] = []
+    reported = False
+    try:
+        params = load_params(root_path / "params.yaml")
+        lock_wait_s = params.retrain.lock_wait_minutes * 60
+        wanted = categories or params.dataset.categories
+        for category in wanted:
+            params.for_category(category)  # an unknown category fails the run here, with the fix
+        notes += schedule_conflicts(root_path)
+        for note in notes:
+            logger.warning(note)
+        changed = changed_categories(root_path, wanted, lock_wait_s, log=logger.info)
+        if not changed:
+            logger.info("nothing changed (dvc status): nothing to run, nothing to promote")
+            create_markdown_artifact(report_markdown([], root_path, True, promote, fan_out, notes), key=REPORT_ARTIFACT,
+                                     description="retrain: nothing changed")
+            reported = True
+            return {"changed": [], "failed": []}
+        results = {c: CategoryResult(c) for c in changed}
+        if fan_out:
+            _fan_out(root_path, results, params, repo, lock_wait_s)
+        else:
+            for category, result in results.items():
+                rp = params.for_category(category).retrain
+                state = repro_category.with_options(retries=rp.retries, retry_delay_seconds=rp.retry_delay_seconds)(
+                    str(root_path), category, rp.stage_timeout_minutes * 60, lock_wait_s, return_state=True)
+                if state.is_failed():
+                    result.error = _error_text(state)
+                else:
+                    result.ran = state.result()
+        _still_changed(root_path, results, wanted, lock_wait_s, notes)
+        for result in results.values():
+            if result.error:
+                continue  # its metrics and MLflow run on disk are an earlier run's: the report shows none
+            _collect(root_path, result)
+            if promote:
+                state = gate_category(str(root_path), result.category, return_state=True)
+                if state.is_failed():
+                    result.error = "promotion gate failed: " + _error_text(state)
+                else:
+                    result.gate = state.result()
+    except Exception as exc:
+        notes.append(f"the run stopped: {exc}")
+        raise
+    finally:
+        if not reported:  # every path leaves a report, a failed one included
+            markdown = report_markdown(list(results.values()), root_path, False, promote, fan_out, notes)
+            create_markdown_artifact(markdown, key=REPORT_ARTIFACT, description=f"retrain of {', '.join(results) or 'nothing'}")
+            announce(list(results.values()))
     failed = [c for c, r in results.items() if r.error]
     if failed:
         raise RuntimeError(f"retrain failed for {', '.join(failed)} (the other categories finished and were gated; see the retrain-report artifact)")
     return {"changed": list(results), "failed": [], "decisions": {c: r.gate.get("decision") for c, r in results.items()}}
+
+
+def _still_changed(root: Path, results: dict[str, CategoryResult], wanted: list[str], lock_wait_s: float, notes: list[str]) -> None:
+    """After the builds: a category that `dvc status` still reports changed was not built, whatever
+    its stages said; it fails, so the run is never Completed with a changed category unbuilt."""
+    after = changed_categories(root, wanted, lock_wait_s, log=lambda line: None)
+    for category, stages in after.items():
+        result = results.setdefault(category, CategoryResult(category))
+        if not result.error:
+            result.error = (f"still changed after the run (dvc status: {', '.join(stages)}): its stages did not build what this checkout "
+                            "has; see the stages' log")
+    if after:
+        notes.append(f"`dvc status` in {root} still reports {', '.join(sorted(after))} changed after this run")
 
 
 def _error_text(state) -> str:
@@ -288,51 +212,60 @@ def _error_text(state) -> str:
 # ---------------------------------------------------------------- fan-out over work-pool workers
 
 
-def _git(root: Path, *args: str) -> str:
-    result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-    if result.returncode != 0:
-        raise StageFailed(f"`git {' '.join(args)}` failed in {root}: {result.stderr.strip()}")
-    return result.stdout.strip()
+def _fan_out(root: Path, results: dict[str, CategoryResult], params: Params, repo: str | None, lock_wait_s: float) -> None:
+    """One ``train-category`` flow run per category on the work pool; merge what each hands back.
 
-
-def _fan_out(root: Path, results: dict[str, CategoryResult], params: Params, repo: str | None) -> None:
-    """One ``train-category`` flow run per category on the work pool; merge their lock entries."""
+    Before anything is started: the shared MLflow server and the DVC remote must be configured,
+    the global stages (the generated demo, textures) run here and their cached outputs travel
+    through the remote, and each category's inputs must be able to reach a worker
+    (:func:`travel_problems`); a category whose inputs cannot fails here, by name, with the fix."""
     logger = get_run_logger()
     uri = tracking.tracking_uri(root)
     if not uri.startswith(("http://", "https://", "databricks")):
         raise RuntimeError(f"fan-out needs a shared MLflow server (children on other hosts log there); MLFLOW_TRACKING_URI is {uri}. "
                            "Start `mlflow server` and export MLFLOW_TRACKING_URI=http://<host>:<port> for the parent and the workers.")
-    if _git(root, "status", "--porcelain", "--untracked-files=no", "--", "params.yaml", "dvc.yaml", "urd", "pipeline"):
-        raise RuntimeError("fan-out children check out a git commit, but params.yaml, dvc.yaml or the code has uncommitted changes here: "
-                           "commit them first (git commit -am ...) so every worker trains what this checkout has.")
-    if not subprocess.run(_dvc("remote", "default"), cwd=root, capture_output=True, text=True, env=_stage_env()).stdout.strip():
+    if not dvc(root, "remote", "default", log=lambda line: None, lock_wait_s=lock_wait_s).strip():
         raise RuntimeError("fan-out children hand their outputs back through a DVC remote, and this repository has no default one: "
                            "`dvc remote add -d storage <shared folder, s3://..., ssh://...>` and commit .dvc/config.")
-    commit = _git(root, "rev-parse", "HEAD")
+    commit = git(root, "rev-parse", "HEAD")
     repo = repo or str(root)
-    # The parent runs the global stages itself (its checkout must hold their outputs) and pushes,
-    # so children can pull instead of recomputing.
-    run_logged(_dvc("repro", *GLOBAL_STAGES), root, env=_stage_env(), log=logger.info)
-    run_logged(_dvc("push"), root, env=_stage_env(), log=logger.info)
+    # The parent runs the global stages itself: its checkout holds their outputs (an edited demo
+    # image is versioned here, in the DVC cache), and the push below carries them to the children.
+    dvc(root, "repro", *GLOBAL_STAGES, log=logger.info, lock_wait_s=lock_wait_s)
+    for category, found in travel_problems(root, list(results)).items():
+        results[category].error = f"cannot be built on a worker, so it was not started: {'; '.join(found)}"
+        logger.error(f"{category}: {results[category].error}")
+    go = [c for c, r in results.items() if not r.error]
+    if not go:
+        return
+    pointers = data_pointers(root)
+    logger.info("pushing to the DVC remote: the pipeline's cached outputs" + (f" and the data of {', '.join(pointers)}" if pointers else ""))
+    dvc(root, "push", log=logger.info, lock_wait_s=lock_wait_s)
     lock_file = root / "dvc.lock"
     lock_text = lock_file.read_text() if lock_file.is_file() else None
-    futures = {c: child_run.submit(c, repo, commit, uri, lock_text) for c in results}
+    futures = {c: child_run.submit(c, repo, commit, uri, lock_text) for c in go}
     for category, future in futures.items():
         future.wait()
         state = future.state
         if state.is_failed():
             results[category].error = _error_text(state)
             continue
-        entries, results[category].ran = state.result()
-        lock = yaml.safe_load(lock_file.read_text()) if lock_file.is_file() else {"schema": "2.0", "stages": {}}
-        lock.setdefault("stages", {}).update(entries)
-        lock_file.write_text(yaml.safe_dump(lock, sort_keys=False))
-        run_logged(_dvc("pull", *entries), root, env=_stage_env(), log=logger.info)
+        entries, results[category].ran, version = state.result()
+        try:
+            merge_category(root, category, entries, logger.info, lock_wait_s,
+                           before_checkout=lambda c=category: tracking.end_leftover_run(root / paths(c)["mlflow_run"], "replaced by a fan-out child's run"))
+        except StageFailed as exc:
+            results[category].error = str(exc)
+            if version:
+                from .promotion import mark_unmerged
+
+                mark_unmerged(params, category, version, str(exc))
 
 
 @task(name="fan-out-child")
-def child_run(category: str, repo: str, commit: str, tracking_uri: str, lock: str | None) -> tuple[dict[str, Any], list[str]]:
-    """Run the ``train-category`` deployment for ``category``; its lock entries and the stages it ran."""
+def child_run(category: str, repo: str, commit: str, tracking_uri: str, lock: str | None) -> tuple[dict[str, Any], list[str], str | None]:
+    """Run the ``train-category`` deployment for ``category``; its lock entries, the stages it ran
+    and the model version it registered (None when it registered none)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
     from prefect.deployments import run_deployment
@@ -350,7 +283,7 @@ def child_run(category: str, repo: str, commit: str, tracking_uri: str, lock: st
     data = found[0].data
     rows = json.loads(data) if isinstance(data, str) else data
     entries = {row["stage"]: json.loads(row["lock"]) for row in rows}
-    return entries, [row["stage"] for row in rows if row.get("ran")]
+    return entries, [row["stage"] for row in rows if row.get("ran")], next((row["version"] for row in rows if row.get("version")), None)
 
 
 def _needs_gpu(params: Params, category: str) -> bool:
@@ -372,24 +305,26 @@ def train_category(category: str, repo: str, commit: str, tracking_uri: str, loc
 
     logger = get_run_logger()
     base = Path(workdir or tempfile.gettempdir()) / f"urd-{category}-{commit[:12]}-{os.getpid()}-{time.time_ns()}"
-    _git(Path(tempfile.gettempdir()), "clone", "--quiet", repo, str(base))
+    git(Path(tempfile.gettempdir()), "clone", "--quiet", repo, str(base))
     try:
-        _git(base, "checkout", "--quiet", commit)
+        git(base, "checkout", "--quiet", commit)
         if lock:
             (base / "dvc.lock").write_text(lock)
-        env = _stage_env() | {"MLFLOW_TRACKING_URI": tracking_uri}
-        run_logged(_dvc("pull", "--allow-missing"), base, env=env, log=logger.info)
+        env = stage_env() | {"MLFLOW_TRACKING_URI": tracking_uri}
+        dvc(base, "pull", "--allow-missing", env=env, log=logger.info)
         params = load_params(base / "params.yaml")
         timeout_s = params.for_category(category).retrain.stage_timeout_minutes * 60
         with concurrency(GPU_LIMIT, occupy=1) if _needs_gpu(params, category) else nullcontext():
-            output = run_logged(_dvc("repro", f"package@{category}"), base, timeout_s, env=env, log=logger.info)
-        run_logged(_dvc("push"), base, env=env, log=logger.info)
+            output = dvc(base, "repro", f"package@{category}", env=env, log=logger.info, timeout_s=timeout_s)
+        dvc(base, "push", env=env, log=logger.info)
         lock = yaml.safe_load((base / "dvc.lock").read_text())["stages"]
         ran = set(stages_ran(output))
+        registered = re.search(r"registered \S+ version (\d+) as @candidate", output)
+        version = registered.group(1) if registered else ""
         mine = {name: entry for name, entry in lock.items() if stage_category(name) == category}
-        create_table_artifact([{"stage": name, "ran": name in ran, "lock": json.dumps(entry)} for name, entry in mine.items()],
+        create_table_artifact([{"stage": name, "ran": name in ran, "version": version, "lock": json.dumps(entry)} for name, entry in mine.items()],
                               key=f"{LOCK_ARTIFACT}-{category}", description=f"dvc.lock entries of {category} at {commit[:12]}")
-        return {"ran": sorted(ran), "stages": sorted(mine)}
+        return {"ran": sorted(ran), "stages": sorted(mine), "version": version or None}
     finally:
         if not keep_checkout:
             shutil.rmtree(base, ignore_errors=True)
@@ -409,11 +344,75 @@ def require_server() -> str:
     return url
 
 
+def scheduled_retrains(root: Path) -> list[str]:
+    """The deployments of the ``retrain`` flow with an active schedule that work on the checkout
+    ``root``: ``retrain/served`` (its ``root`` parameter) and the work-pool ``retrain/retrain``
+    (its working directory, URD_CHECKOUT at deploy time)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    found = []
+    with get_client(sync_client=True) as client:
+        for name in ("retrain/served", "retrain/retrain"):
+            try:
+                deployment = client.read_deployment_by_name(name)
+            except ObjectNotFound:
+                continue
+            if not any(s.active for s in deployment.schedules or []) or getattr(deployment, "paused", False):
+                continue
+            folders = [Path((deployment.parameters or {}).get("root", "") or ".")] if name.endswith("served") else [
+                Path(step.get("prefect.deployments.steps.set_working_directory", {}).get("directory", ""))
+                for step in deployment.pull_steps or []]
+            if any(str(f) not in ("", ".") and f.resolve() == root.resolve() for f in folders):
+                found.append(name)
+    return found
+
+
+def schedule_conflicts(root: Path) -> list[str]:
+    """A note when two schedules retrain this checkout (one would wait for the other's DVC lock)."""
+    try:
+        both = scheduled_retrains(root)
+    except Exception:  # no server reachable: nothing to compare with
+        return []
+    if len(both) < 2:
+        return []
+    return [f"two schedules retrain this checkout ({' and '.join(both)}): keep one. Pause the other, e.g. "
+            "`prefect deployment schedule pause retrain/served <schedule id>` (ids: `prefect deployment schedule ls retrain/served`), "
+            "or stop `python -m pipeline serve`"]
+
+
+def announce(results) -> None:
+    """Prefect events a person can be notified of (README: automations): ``urd.category.failed``
+    per failed category, ``urd.promotion.rejected`` per rejected candidate."""
+    from prefect.events import emit_event
+
+    try:
+        _announce(results, emit_event)
+    except Exception as exc:  # a notification must never fail the run it reports on
+        get_run_logger().warning(f"could not emit the run's events: {exc}")
+
+
+def _announce(results, emit_event) -> None:
+    for result in results:
+        resource = {"prefect.resource.id": f"urd.category.{result.category}", "prefect.resource.name": result.category}
+        if result.error:
+            emit_event("urd.category.failed", resource, payload={"category": result.category, "error": result.error[:2000]})
+        elif result.gate.get("decision") == "reject":
+            emit_event("urd.promotion.rejected", resource, payload={"category": result.category, "reason": result.gate.get("reason", "")[:2000],
+                                                                     "model": result.gate.get("model", ""),
+                                                                     "version": result.gate.get("candidate_version", "")})
+
+
 def serve_retrain(params: Params) -> None:
     """Serve ``retrain`` as the deployment ``retrain/served`` on ``params.retrain``'s cron (blocks).
-    Its runs execute here, in this checkout; prefect.yaml's ``retrain/retrain`` is the work-pool one."""
+    Its runs execute here, in this checkout; prefect.yaml's ``retrain/retrain`` is the work-pool one.
+    Refused while ``retrain/retrain`` is scheduled on this same checkout."""
     from prefect.schedules import Cron
 
     require_server()
+    if "retrain/retrain" in scheduled_retrains(Path.cwd()):
+        raise RuntimeError(f"the work-pool deployment retrain/retrain already retrains this checkout ({Path.cwd().resolve()}) on a schedule; "
+                           "two schedules on one checkout would fight over its DVC lock. Use one mode: either keep retrain/retrain "
+                           "(prefect.yaml) and do not run `serve`, or remove it first: `prefect deployment delete retrain/retrain`.")
     retrain.serve(name="served", schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
                   parameters={"root": str(Path.cwd().resolve())})

@@ -27,7 +27,7 @@ import json
 import math
 import os
 import tempfile
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -41,6 +41,7 @@ from .registry import CANDIDATE
 from .stages import paths
 
 PRODUCTION = "production"
+UNMERGED = "pipeline.unmerged"  # tag: a fan-out child registered this version, the parent could not take its outputs
 EXPERIMENT = "promotion"
 TAG = "promotion."
 # gated metric -> its floor in PromoteParams
@@ -133,6 +134,8 @@ def data_problem(root: Path, category: str, candidate_tags: dict[str, str]) -> s
     if candidate_tags.get("validated_manifest_md5") != file_md5(validated):
         return ("the candidate was trained on other data than the current validated manifest (stale candidate: the pipeline has not "
                 "packaged a model of the current data); run `dvc repro` first")
+    if candidate_tags.get(UNMERGED):
+        return f"its outputs could not be merged into the orchestrating checkout, so it was never gated: {candidate_tags[UNMERGED]}"
     if candidate_tags.get(TAG + "rolled_back"):
         return f"this version was rolled back from production at {candidate_tags[TAG + 'rolled_back']}; train and register a new version"
     return None
@@ -180,26 +183,50 @@ def _ensure_limit(name: str) -> None:
 
 @contextmanager
 def serialised(model: str, uri: str) -> Iterator[str]:
-    """Hold the promotion lock of registered model ``model``; yields what was locked."""
-    if os.environ.get("PREFECT_API_URL"):
-        from prefect.concurrency.sync import concurrency
+    """Hold the promotion lock of registered model ``model``; yields what was locked.
 
-        limit = f"promote-{model}"
-        _ensure_limit(limit)
-        with concurrency(limit, occupy=1, strict=True):
-            yield f"prefect global concurrency limit {limit}"
-        return
+    A local MLflow store: a file lock beside it, taken by every gate on this host, with or without
+    Prefect (a manual ``promote`` and a flow's gate on the same model exclude each other). With
+    ``PREFECT_API_URL``: also the Prefect global concurrency limit ``promote-<model>`` (any number
+    of hosts; the only lock for a shared MLflow server). Always taken in that order."""
     store = _lock_path(uri)
-    if store is None:
+    prefect = bool(os.environ.get("PREFECT_API_URL"))
+    if store is None and not prefect:
         raise PromotionError(
             f"MLFLOW_TRACKING_URI={uri} is a shared server, so a local file lock cannot keep two hosts' gates apart. Set PREFECT_API_URL "
             "to the Prefect server: the gate then serialises on a Prefect global concurrency limit."
         )
-    from filelock import FileLock
+    held: list[str] = []
+    with ExitStack() as stack:
+        if store is not None:
+            from filelock import FileLock
 
-    lock_file = store.with_name(f"{store.name}.{model}.promote.lock")
-    with FileLock(lock_file):
-        yield f"file lock {lock_file}"
+            lock_file = store.with_name(f"{store.name}.{model}.promote.lock")
+            stack.enter_context(FileLock(lock_file))
+            held.append(f"file lock {lock_file}")
+        if prefect:
+            from prefect.concurrency.sync import concurrency
+
+            limit = f"promote-{model}"
+            _ensure_limit(limit)
+            stack.enter_context(concurrency(limit, occupy=1, strict=True))
+            held.append(f"prefect global concurrency limit {limit}")
+        yield " + ".join(held)
+
+
+def mark_unmerged(params: Params, category: str, version: str, why: str) -> None:
+    """Tag a version a fan-out child registered but the parent could not merge: the gate refuses
+    it, and ``candidate`` no longer points at it."""
+    from mlflow import MlflowClient
+
+    with mlflow_errors():
+        tracking.configure()
+        model = registered_name(params.for_category(category).dataset.name, category)
+        client = MlflowClient()
+        client.set_model_version_tag(model, version, UNMERGED, why[:5000])
+        current = _version(client, model, None, CANDIDATE)
+        if current is not None and str(current.version) == str(version):
+            client.delete_registered_model_alias(model, CANDIDATE)
 
 
 def _version(client, model: str, version: str | None, alias: str):
@@ -261,7 +288,7 @@ def promote(params: Params, category: str, root: str | Path = ".", version: str 
     root, uri, p, model, client = _registry(params, category, root)
     candidate = _version(client, model, version, CANDIDATE)
     if candidate is None:
-        what = f"version {version}" if version else f"a version with the alias @{CANDIDATE}"
+        what = f"version {version}" if version else f"version with the alias @{CANDIDATE}"
         raise PromotionError(f"{model} has no {what} in the registry at {uri}: run the pipeline (`dvc repro`) so the package stage registers one.")
     with nullcontext("none (dry run)") if dry_run else serialised(model, uri) as lock:
         started = _now()
@@ -318,8 +345,17 @@ def rollback(params: Params, category: str, root: str | Path = ".") -> Decision:
             decision.gate_run_id = run.info.run_id
             mlflow.log_params({"from_version": current_version, "to_version": previous})
             mlflow.log_dict(asdict(decision), "decision.json")
+        # The registry tells the truth after a rollback: the version's decision is no longer
+        # "promote", and it no longer holds @candidate (the gate would refuse it anyway).
         client.set_model_version_tag(model, current_version, TAG + "rolled_back", now)
         client.set_model_version_tag(model, current_version, TAG + "rolled_back_run", decision.gate_run_id)
+        client.set_model_version_tag(model, current_version, TAG + "decision", "rolled_back")
+        client.set_model_version_tag(model, current_version, TAG + "reason",
+                                     f"rolled back at {now}: production moved back to v{previous} (it had been promoted at "
+                                     f"{current.tags.get(TAG + 'time', '?')}: {current.tags.get(TAG + 'reason', '')})"[:5000])
+        candidate = _version(client, model, None, CANDIDATE)
+        if candidate is not None and str(candidate.version) == current_version:
+            client.delete_registered_model_alias(model, CANDIDATE)
         client.set_model_version_tag(model, previous, TAG + "restored", now)
         client.set_registered_model_alias(model, PRODUCTION, previous)
     return decision

@@ -7,6 +7,8 @@ gets the alias ``candidate``. Promotion to ``production`` is a separate, deliber
 
 from __future__ import annotations
 
+import warnings
+
 import base64
 from pathlib import Path
 from typing import Any
@@ -65,15 +67,18 @@ def register_bundle(bundle_dir: str | Path, dataset: str, category: str, tags: d
 
     name = registered_name(dataset, category)
     example = pd.DataFrame({"image": [Path(example_image).read_bytes()]}) if example_image else None
-    info = mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(MODEL_CODE),
-        artifacts={"bundle": str(bundle_dir)},
-        signature=signature(),
-        input_example=example,
-        pip_requirements=_requirements(),
-        registered_model_name=name,
-    )
+    with warnings.catch_warnings():
+        # The signature is given explicitly, so MLflow's advice to infer it from type hints is noise in the stage's log.
+        warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+        info = mlflow.pyfunc.log_model(
+            name="model",
+            python_model=str(MODEL_CODE),
+            artifacts={"bundle": str(bundle_dir)},
+            signature=signature(),
+            input_example=example,
+            pip_requirements=_requirements(),
+            registered_model_name=name,
+        )
     client = MlflowClient()
     version = str(info.registered_model_version)
     for key, value in tags.items():

@@ -133,6 +133,7 @@ def start_category_run(params: Params, category: str, run_file: str | Path, resu
     run_file = Path(run_file)
     if resume and run_file.is_file():
         return json.loads(run_file.read_text())["run_id"]
+    end_leftover_run(run_file, "the train stage started over")
     p = params.for_category(category)
     tags = lineage_tags(params, category)
     with mlflow.start_run(experiment_id=experiment_id(f"urd-{p.dataset.name}"), run_name=f"{category}", tags=tags) as run:
@@ -140,6 +141,29 @@ def start_category_run(params: Params, category: str, run_file: str | Path, resu
     run_file.parent.mkdir(parents=True, exist_ok=True)
     run_file.write_text(json.dumps({"run_id": run.info.run_id, "experiment_id": run.info.experiment_id, "tracking_uri": tracking_uri()}, indent=2) + "\n")
     return run.info.run_id
+
+
+def end_leftover_run(run_file: str | Path, why: str) -> str | None:
+    """End the MLflow run named by ``run_file`` as KILLED when it is still RUNNING: its stage was
+    interrupted (a killed process, a lost worker) and is being started over or replaced, so nothing
+    will ever finish it. Returns the run id it ended, or None."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    run_file = Path(run_file)
+    if not run_file.is_file():
+        return None
+    try:
+        run_id = json.loads(run_file.read_text())["run_id"]
+        configure()
+        client = MlflowClient()
+        if client.get_run(run_id).info.status != "RUNNING":
+            return None
+        client.set_tag(run_id, "urd.ended", f"interrupted; {why}")
+        client.set_terminated(run_id, status="KILLED")
+        return run_id
+    except (MlflowException, ValueError, KeyError):
+        return None  # a run of another server or a damaged file: nothing this checkout can end
 
 
 @contextmanager

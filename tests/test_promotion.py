@@ -191,11 +191,15 @@ def test_rollback_restores_the_previous_production_and_refuses_the_rolled_back_v
 
     for version in ("1", "2"):
         promote(_params(factory), "widget", factory, version=version)
+    _client().set_registered_model_alias(MODEL, "candidate", "2")
     assert main(["rollback", "--category", "widget"]) == 0
     assert "production moved back from v2 to v1" in capsys.readouterr().out
     assert _production() == "1"
     tags = _client().get_model_version(MODEL, "2").tags
     assert tags["promotion.rolled_back"] and _client().get_run(tags["promotion.rolled_back_run"]).data.tags["decision"] == "rollback"
+    # the registry tells the truth: v2 is no longer "promote" and no longer the candidate
+    assert tags["promotion.decision"] == "rolled_back" and "rolled back at" in tags["promotion.reason"]
+    assert "candidate" not in _client().get_registered_model(MODEL).aliases
     again = promote(_params(factory), "widget", factory, version="2")
     assert again.decision == "reject" and "rolled back" in again.reason and _production() == "1"
     with pytest.raises(PromotionError, match="nothing to roll back to"):
@@ -208,6 +212,9 @@ def test_the_gate_names_a_missing_candidate_and_refuses_a_shared_store_without_a
 
     assert main(["promote", "--category", "widget", "--version", "9"]) == 1
     assert "no version 9" in capsys.readouterr().err
+    _client().delete_registered_model_alias(MODEL, "candidate")
+    assert main(["promote", "--category", "widget"]) == 1
+    assert "has no version with the alias @candidate" in capsys.readouterr().err
     from pipeline.promotion import serialised
 
     with pytest.raises(PromotionError, match="PREFECT_API_URL"):

@@ -187,6 +187,8 @@ class RetrainParams(_Section):
     stage_timeout_minutes: float = Field(240, gt=0, description="a category's DVC stages are killed (whole process group) after this long")
     retries: int = Field(2, ge=0, description="reruns of a category's stages after a transient failure (lock held, network); bad data is never retried")
     retry_delay_seconds: float = Field(30, ge=0)
+    lock_wait_minutes: float = Field(30, ge=0, description="while another DVC process holds the checkout's lock, every DVC call of the flow "
+                                     "waits and tries again for up to this long (then the run fails, saying so)")
 
     @field_validator("cron")
     @classmethod
