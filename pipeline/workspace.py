@@ -73,7 +73,7 @@ def git(root: str | Path, *args: str) -> str:
     result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
     if result.returncode != 0:
         raise StageFailed(f"`git {' '.join(args)}` failed in {root}: {result.stderr.strip()}")
-    return result.stdout.strip()
+    return result.stdout.rstrip()  # not strip(): porcelain lines start with a space
 
 
 def stage_category(stage: str) -> str | None:
@@ -139,7 +139,10 @@ def travel_problems(root: str | Path, categories: list[str]) -> dict[str, list[s
         stages = list(repo.index.stages)
     finally:
         repo.close()
-    produced = {out.def_path: stage for stage in stages for out in stage.outs}
+    def rel(item) -> str:  # a .dvc file's paths are relative to its folder: make every path relative to the root
+        return os.path.relpath(item.fs_path, root)
+
+    produced = {rel(out): stage for stage in stages for out in stage.outs}
     tracked = set(git(root, "ls-files").splitlines())
     dirty = {line[3:].strip().strip('"') for line in git(root, "status", "--porcelain", "--untracked-files=all").splitlines()}
     problems: dict[str, list[str]] = {}
@@ -147,7 +150,7 @@ def travel_problems(root: str | Path, categories: list[str]) -> dict[str, list[s
         found: list[str] = []
         for stage in (s for s in stages if stage_category(s.addressing) == category):
             for dep in stage.deps:
-                path = dep.def_path
+                path = rel(dep)
                 owner = next((s for out, s in produced.items() if _inside(path, out) and s is not stage), None)
                 if owner is not None and owner.addressing.endswith(".dvc"):
                     problem = _pointer_problem(root, os.path.relpath(owner.path, root), tracked, dirty)
@@ -155,7 +158,7 @@ def travel_problems(root: str | Path, categories: list[str]) -> dict[str, list[s
                         found.append(problem)
                     continue
                 if owner is not None:
-                    out = next(o for o in owner.outs if _inside(path, o.def_path))
+                    out = next(o for o in owner.outs if _inside(path, rel(o)))
                     if stage_category(owner.addressing) is None and owner.addressing not in GLOBAL_STAGES:
                         found.append(f"{path} is an output of the stage {owner.addressing}, which neither the parent runs nor the child: "
                                      "run it with `dvc repro` and push before fanning out")
