@@ -293,6 +293,13 @@ def rollback(params: Params, category: str) -> None:
     print(f"{decision.model}: {decision.reason} (run {decision.gate_run_id} in experiment 'promotion')")
 
 
+def status(params: Params, as_json: bool = False, report: bool = False) -> None:
+    """Per category: production / candidate, last decision and why, last registered, changed since."""
+    from .status import show
+
+    show(params, Path.cwd(), as_json, report)
+
+
 def serve(params: Params) -> None:
     """Serve the retrain flow on its cron schedule (blocks; needs a real Prefect server)."""
     from .flows import serve_retrain
@@ -302,8 +309,8 @@ def serve(params: Params) -> None:
 
 STAGES = {"stage_params": write_params, "demo_data": demo_data, "ingest": ingest, "validate": validate, "textures": textures, "prepare": prepare,
           "train": train, "calibrate": calibrate, "evaluate": evaluate, "package": package, "summary": summary,
-          "promote": promote, "rollback": rollback, "serve": serve}
-GLOBAL_STAGES = {"demo_data", "textures", "summary", "serve"}
+          "promote": promote, "rollback": rollback, "serve": serve, "status": status}
+GLOBAL_STAGES = {"demo_data", "textures", "summary", "serve", "status"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,10 +320,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--params", default=str(PARAMS))
     parser.add_argument("--dry-run", action="store_true", help="promote: decide and print, record nothing, move nothing")
     parser.add_argument("--version", default=None, help="promote: gate this registered version instead of @candidate")
+    parser.add_argument("--json", action="store_true", help="status: print JSON for scripts")
+    parser.add_argument("--report", action="store_true", help="status: print the latest retrain-report of the Prefect server")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
-        if args.stage in GLOBAL_STAGES:
+        if args.stage == "status":
+            status(params, args.json, args.report)
+        elif args.stage in GLOBAL_STAGES:
             STAGES[args.stage](params)
         else:
             if not args.category:

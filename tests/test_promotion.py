@@ -200,6 +200,17 @@ def test_rollback_restores_the_previous_production_and_refuses_the_rolled_back_v
     # the registry tells the truth: v2 is no longer "promote" and no longer the candidate
     assert tags["promotion.decision"] == "rolled_back" and "rolled back at" in tags["promotion.reason"]
     assert "candidate" not in _client().get_registered_model(MODEL).aliases
+    # `python -m pipeline status` says the same, per category, for a person or a script
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=factory, check=True)
+    capsys.readouterr()
+    assert main(["status", "--json"]) == 0
+    row = next(r for r in json.loads(capsys.readouterr().out) if r["category"] == "widget")
+    assert (row["category"], row["production"], row["candidate"]) == ("widget", "1", None)
+    assert row["last_decision"] == "rolled_back" and row["last_decision_version"] == "2" and row["last_registered_version"] == "3"
+    assert row["changed_since"] == []
+    assert main(["status"]) == 0
+    table = capsys.readouterr().out
+    assert "widget" in table and "rolled_back v2" in table
     again = promote(_params(factory), "widget", factory, version="2")
     assert again.decision == "reject" and "rolled back" in again.reason and _production() == "1"
     with pytest.raises(PromotionError, match="nothing to roll back to"):
