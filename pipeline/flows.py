@@ -145,6 +145,12 @@ def retrain(categories: list[str] | None = None, promote: bool = True, fan_out: 
         for note in notes:
             logger.warning(note)
         changed = changed_categories(root_path, wanted, lock_wait_s, log=logger.info)
+        if any(stage_category(s) is None for stages in changed.values() for s in stages):
+            # The generated demo or the textures changed: rebuild them here first (the demo then
+            # holds an operator's edit in the DVC cache), and ask again which categories changed,
+            # so an image edited in one category rebuilds that category only.
+            dvc(root_path, "repro", *GLOBAL_STAGES, log=logger.info, lock_wait_s=lock_wait_s)
+            changed = changed_categories(root_path, wanted, lock_wait_s, log=logger.info)
         if not changed:
             logger.info("nothing changed (dvc status): nothing to run, nothing to promote")
             create_markdown_artifact(report_markdown([], root_path, True, promote, fan_out, notes), key=REPORT_ARTIFACT,
@@ -181,7 +187,8 @@ def retrain(categories: list[str] | None = None, promote: bool = True, fan_out: 
         if not reported:  # every path leaves a report, a failed one included
             markdown = report_markdown(list(results.values()), root_path, False, promote, fan_out, notes)
             create_markdown_artifact(markdown, key=REPORT_ARTIFACT, description=f"retrain of {', '.join(results) or 'nothing'}")
-            announce(list(results.values()))
+            announce(list(results.values()), failed=any(r.error for r in results.values()) or any("the run stopped" in n for n in notes),
+                     notes=notes)
     failed = [c for c, r in results.items() if r.error]
     if failed:
         raise RuntimeError(f"retrain failed for {', '.join(failed)} (the other categories finished and were gated; see the retrain-report artifact)")
@@ -229,9 +236,8 @@ def _fan_out(root: Path, results: dict[str, CategoryResult], params: Params, rep
                            "`dvc remote add -d storage <shared folder, s3://..., ssh://...>` and commit .dvc/config.")
     commit = git(root, "rev-parse", "HEAD")
     repo = repo or str(root)
-    # The parent runs the global stages itself: its checkout holds their outputs (an edited demo
-    # image is versioned here, in the DVC cache), and the push below carries them to the children.
-    dvc(root, "repro", *GLOBAL_STAGES, log=logger.info, lock_wait_s=lock_wait_s)
+    # The parent ran the global stages itself (retrain): its checkout holds their cached outputs
+    # (an edited demo image is versioned in the DVC cache), and the push below carries them.
     for category, found in travel_problems(root, list(results)).items():
         results[category].error = f"cannot be built on a worker, so it was not started: {'; '.join(found)}"
         logger.error(f"{category}: {results[category].error}")
@@ -381,12 +387,17 @@ def schedule_conflicts(root: Path) -> list[str]:
             "or stop `python -m pipeline serve`"]
 
 
-def announce(results) -> None:
-    """Prefect events a person can be notified of (README: automations): ``urd.category.failed``
-    per failed category, ``urd.promotion.rejected`` per rejected candidate."""
+def announce(results, failed: bool = False, notes: list[str] | None = None) -> None:
+    """Prefect events a person can be notified of (`python -m pipeline notify`): ``urd.retrain.failed``
+    for a failed run, ``urd.category.failed`` per failed category, ``urd.promotion.rejected`` per
+    rejected candidate."""
     from prefect.events import emit_event
 
     try:
+        if failed:
+            emit_event("urd.retrain.failed", {"prefect.resource.id": "urd.retrain", "prefect.resource.name": "retrain"},
+                       payload={"category": ", ".join(r.category for r in results if r.error), "error": "; ".join(notes or [])[:2000]
+                                or "see the retrain-report artifact"})
         _announce(results, emit_event)
     except Exception as exc:  # a notification must never fail the run it reports on
         get_run_logger().warning(f"could not emit the run's events: {exc}")

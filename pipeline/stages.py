@@ -300,6 +300,13 @@ def status(params: Params, as_json: bool = False, report: bool = False) -> None:
     show(params, Path.cwd(), as_json, report)
 
 
+def notify(params: Params, url: str) -> None:
+    """A Prefect automation that POSTs failed runs / categories and rejected candidates to ``url``."""
+    from .notify import install
+
+    print(json.dumps(install(url), indent=2))
+
+
 def serve(params: Params) -> None:
     """Serve the retrain flow on its cron schedule (blocks; needs a real Prefect server)."""
     from .flows import serve_retrain
@@ -309,8 +316,8 @@ def serve(params: Params) -> None:
 
 STAGES = {"stage_params": write_params, "demo_data": demo_data, "ingest": ingest, "validate": validate, "textures": textures, "prepare": prepare,
           "train": train, "calibrate": calibrate, "evaluate": evaluate, "package": package, "summary": summary,
-          "promote": promote, "rollback": rollback, "serve": serve, "status": status}
-GLOBAL_STAGES = {"demo_data", "textures", "summary", "serve", "status"}
+          "promote": promote, "rollback": rollback, "serve": serve, "status": status, "notify": notify}
+GLOBAL_STAGES = {"demo_data", "textures", "summary", "serve", "status", "notify"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -322,11 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", default=None, help="promote: gate this registered version instead of @candidate")
     parser.add_argument("--json", action="store_true", help="status: print JSON for scripts")
     parser.add_argument("--report", action="store_true", help="status: print the latest retrain-report of the Prefect server")
+    parser.add_argument("--url", default=None, help="notify: where the automation POSTs (a webhook receiver)")
     args = parser.parse_args(argv)
     try:
         params = load_params(args.params)
         if args.stage == "status":
             status(params, args.json, args.report)
+        elif args.stage == "notify":
+            if not args.url:
+                parser.error("notify needs --url (the webhook receiver, e.g. https://chat.example/hooks/urd)")
+            notify(params, args.url)
         elif args.stage in GLOBAL_STAGES:
             STAGES[args.stage](params)
         else:

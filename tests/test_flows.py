@@ -5,10 +5,12 @@ served nightly deployment, bad data in one category. Every server and worker is 
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -175,6 +177,13 @@ def _checkout(dest: Path, remote: Path) -> Path:
     return dest
 
 
+def readme_mlflow_line(folder: Path, port: int) -> str:
+    """The README's `mlflow server` command with its folder, port and interface (loopback) swapped."""
+    line = next(line for line in (REPO / "README.md").read_text().splitlines() if "mlflow server --host" in line)
+    assert "--workers 1" in line and "--allowed-hosts" in line and "sqlite:////srv/mlflow/" in line, line
+    return line.replace("/srv/mlflow", str(folder)).replace("5000", str(port)).replace("0.0.0.0", "127.0.0.1")
+
+
 @pytest.fixture(scope="module")
 def factory(tmp_path_factory):
     """A Prefect server, an MLflow server, a DVC remote and a checkout of this project."""
@@ -193,9 +202,8 @@ def factory(tmp_path_factory):
     saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL", "MLFLOW_TRACKING_URI")}
     try:
         server, log = procs.start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(prefect_port)], tmp)
-        mlflow_server, mlflow_log = procs.start("mlflow-server", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                                                                  "--backend-store-uri", f"sqlite:///{tmp / 'mlflow.db'}",
-                                                                  "--artifacts-destination", str(tmp / "mlflow-artifacts")], tmp)
+        # MLflow as the README starts it, word for word but for its folder, port and interface
+        mlflow_server, mlflow_log = procs.start("mlflow-server", ["bash", "-c", readme_mlflow_line(tmp / "srv-mlflow", mlflow_port)], tmp)
         started = time.monotonic()
         _wait_http(f"http://127.0.0.1:{prefect_port}/api/health", 120, server, log)
         _wait_http(f"http://127.0.0.1:{mlflow_port}/health", 120, mlflow_server, mlflow_log)
@@ -238,6 +246,47 @@ def _production(model: str) -> str | None:
         return str(MlflowClient().get_model_version_by_alias(model, "production").version)
     except MlflowException:
         return None
+
+
+def _latest(model: str) -> str:
+    from mlflow import MlflowClient
+
+    return str(max(int(v.version) for v in MlflowClient().search_model_versions(f"name='{model}'")))
+
+
+def _dvc_status(checkout: Path, env: dict[str, str]) -> dict:
+    return json.loads(_run([sys.executable, "-m", "dvc", "status", "--json"], checkout, env).strip().splitlines()[-1])
+
+
+class Receiver:
+    """A webhook receiver on 127.0.0.1: collects the bodies POSTed to it."""
+
+    def __init__(self) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        bodies = self.bodies = []
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802
+                bodies.append(self.rfile.read(int(self.headers.get("Content-Length") or 0)).decode())
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def wait_for(self, *words: str, seconds: float = 90) -> str:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for body in self.bodies:
+                if all(w in body for w in words):
+                    return body
+            time.sleep(1)
+        raise AssertionError(f"no notification with {words} in {seconds} s; got {self.bodies}")
 
 
 def _lock_md5(lock_file: Path, stage: str, path: str) -> str:
@@ -289,6 +338,55 @@ def test_fan_out_over_two_workers_gates_each_category_and_leaves_the_parent_up_t
 
 
 @pytest.mark.slow
+def test_fan_out_retrains_an_edited_category_on_a_worker_and_fails_bad_data_by_name(factory):
+    """What an operator does between two nightly runs: an image added to widget, a tiles image
+    truncated. The parent versions the edit, the widget child retrains, tiles fails by name, a
+    person is notified, and `dvc status` says exactly what is left."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+    from prefect.deployments import run_deployment
+
+    checkout, env = factory["checkout"], factory["env"]
+    if not (checkout / "bundles/tiles").is_dir():
+        pytest.skip("needs the fan-out test's trained factory")
+    receiver = Receiver()
+    _run([sys.executable, "-m", "pipeline", "notify", "--url", receiver.url], checkout, env)
+    good = checkout / "data/raw/demo/widget/train/good"
+    cv2.imwrite(str(good / "added.png"), cv2.flip(cv2.imread(str(sorted(good.glob("*.png"))[0])), 1))
+    truncated = checkout / "data/raw/demo/tiles/train/good/003.png"
+    original = truncated.read_bytes()
+    truncated.write_bytes(original[: len(original) // 2])
+    with get_client(sync_client=True) as client:
+        before = {r.id for r in client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train-category"])))}
+
+    run = run_deployment("retrain/retrain", timeout=1200, poll_interval=3)
+    assert run.state.is_failed(), run.state
+    report = _report(run.id)
+    rows = {line.split("|")[1].strip(): line for line in report.splitlines() if line.startswith("| tiles |") or line.startswith("| widget |")}
+    assert "FAILED" in rows["tiles"] and "validate for tiles" in rows["tiles"] and "003.png" in rows["tiles"], report
+    assert "FAILED" not in rows["widget"] and "train" in rows["widget"] and "**reject**" in rows["widget"], report
+    assert "still reports tiles changed" in report  # the checkout says what is left, and why
+    with get_client(sync_client=True) as client:
+        children = [r for r in client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train-category"])))
+                    if r.id not in before]
+    assert sorted(c.parameters["category"] for c in children) == ["tiles", "widget"]
+    assert _production("urd-demo-tiles") == "1" and _production("urd-demo-widget") is None
+    # the widget child trained on the added image: the parent's checkout has its outputs and reads as up to date
+    status = _dvc_status(checkout, env)
+    assert not any("widget" in stage for stage in status) and any(stage.endswith("@tiles") for stage in status), status
+    assert "added.png" in (checkout / "data/validated/widget.csv").read_text()
+    # a person hears of both
+    receiver.wait_for("urd.promotion.rejected", "widget")
+    receiver.wait_for("urd.category.failed", "tiles", "003.png")
+    receiver.wait_for("urd.retrain.failed")
+
+    # the operator restores the image: the checkout is up to date again
+    truncated.write_bytes(original)
+    _run([sys.executable, "-m", "dvc", "repro", "demo_data"], checkout, env)
+    assert _dvc_status(checkout, env) == {}
+
+
+@pytest.mark.slow
 def test_served_schedule_nothing_changed_then_bad_data_fails_one_category_only(factory):
     from prefect.client.orchestration import get_client
     from prefect.deployments import run_deployment
@@ -296,6 +394,10 @@ def test_served_schedule_nothing_changed_then_bad_data_fails_one_category_only(f
     checkout, env = factory["checkout"], factory["env"]
     if not (checkout / "bundles/tiles").is_dir():
         pytest.skip("needs the fan-out test's trained factory")
+    # the work-pool deployment already retrains this checkout nightly: a second schedule is refused
+    refused = subprocess.run([sys.executable, "-m", "pipeline", "serve"], cwd=checkout, env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 1 and "retrain/retrain already retrains this checkout" in refused.stderr, refused.stderr[-2000:]
+    _run([str(BIN / "prefect"), "deployment", "delete", "retrain/retrain"], checkout, env)
     served, log = factory["procs"].start("serve", [sys.executable, "-m", "pipeline", "serve"], checkout)
     deadline = time.monotonic() + 120
     deployment = None
@@ -331,10 +433,50 @@ def test_served_schedule_nothing_changed_then_bad_data_fails_one_category_only(f
     tiles_row = next(line for line in report.splitlines() if line.startswith("| tiles |"))
     widget_row = next(line for line in report.splitlines() if line.startswith("| widget |"))
     assert "FAILED" in tiles_row and "validate for tiles" in tiles_row and "003.png" in tiles_row
-    assert "**promote**" in widget_row and _production("urd-demo-widget") == "2" and _production("urd-demo-tiles") == "1"
+    assert "**promote**" in widget_row and _production("urd-demo-widget") == _latest("urd-demo-widget") and _production("urd-demo-tiles") == "1"
     # the override reran only widget's calibrate, evaluate and package (and its params files); the
     # new version replaced the one rejected by the fan-out run
     assert "(stage_params, calibrate, evaluate, package)" in widget_row, widget_row
+
+
+@pytest.mark.slow
+def test_a_flow_killed_mid_training_is_finished_by_the_next_run_with_nothing_lost(factory, tmp_path):
+    """kill -9 of a retrain flow-run process and everything it started, in the middle of training
+    (progress lines reached its log first); the next run finishes the job: `dvc status` clean,
+    each category's candidate registered and gated, no MLflow run left RUNNING."""
+    from mlflow import MlflowClient
+
+    env = factory["env"] | {"MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'crash-mlflow.db'}", "URD_PROGRESS_SECONDS": "1"}
+    checkout = _checkout(tmp_path / "checkout", tmp_path / "remote")
+    params = yaml.safe_load((checkout / "params.yaml").read_text())
+    params["train"] |= {"iterations": 400, "checkpoint_every": 40}
+    params["overrides"] = {}
+    (checkout / "params.yaml").write_text(yaml.safe_dump(params))
+    _git(checkout, "commit", "-qam", "longer training")
+    flow = [sys.executable, "-c", "from pipeline.flows import retrain; retrain(root='.')"]
+    log = tmp_path / "killed.log"
+    proc = subprocess.Popen(flow, cwd=checkout, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 600
+        while not re.search(r"train tiles: \d+/400 it", log.read_text()):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+            time.sleep(0.5)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the host lost the flow-run process and its stage
+        proc.wait()
+    assert "ETA" in log.read_text()  # progress reached the run's log while training, not only at the end
+    interrupted = json.loads((checkout / "models/tiles/mlflow_run.json").read_text())["run_id"]
+
+    rerun = subprocess.run(flow, cwd=checkout, env=env, capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-4000:] + rerun.stderr[-4000:]
+    assert _dvc_status(checkout, env) == {}
+    client = MlflowClient(tracking_uri=env["MLFLOW_TRACKING_URI"])
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=100)
+    assert runs and not [r.info.run_id for r in runs if r.info.status == "RUNNING"]
+    assert client.get_run(interrupted).info.status in ("FINISHED", "KILLED")  # resumed to the end, or ended when started over
+    for category in ("tiles", "widget"):
+        version = client.get_model_version_by_alias(f"urd-demo-{category}", "candidate")
+        assert version.tags.get("promotion.decision") == "promote", version.tags
 
 
 def test_only_transient_failures_are_retried():

@@ -9,13 +9,14 @@ run's log can tell a working job from a hung one.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from typing import IO
 
 from tqdm import tqdm
 
-LOG_EVERY_S = 15.0
+LOG_EVERY_S = 15.0  # off a terminal: seconds between lines (URD_PROGRESS_SECONDS overrides)
 
 
 def _duration(seconds: float) -> str:
@@ -27,8 +28,9 @@ class Progress:
     """``update(n, values)`` after each step, ``close()`` at the end (or use it as a context)."""
 
     def __init__(self, total: int, desc: str, initial: int = 0, unit: str = "it", enabled: bool = True,
-                 every_s: float = LOG_EVERY_S, stream: IO[str] | None = None) -> None:
-        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
+                 every_s: float | None = None, stream: IO[str] | None = None) -> None:
+        self.total, self.desc, self.unit = total, desc, unit
+        self.every_s = every_s if every_s is not None else float(os.environ.get("URD_PROGRESS_SECONDS") or LOG_EVERY_S)
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.bar = None
