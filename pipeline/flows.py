@@ -6,11 +6,16 @@
   timeout) -> the promotion gate per category -> a markdown artifact ``retrain-report``. A category
   that fails (bad data, a crash) fails alone: the others still finish and are gated, and the flow
   run ends Failed. Nothing changed: a short run that says so and promotes nothing.
-* ``fan_out=True``: each changed category runs as a ``train-category`` deployment on a work pool
+* ``fan_out=True``: each changed category whose inputs can reach a worker (committed to git or
+  versioned in DVC: pipeline/workspace.py) runs as a ``train-category`` deployment on a work pool
   (``run_deployment``), in its own checkout (DVC locks a working copy while it runs): git commit +
   DVC remote in, outputs pushed to the DVC remote, MLflow to the shared server, and the
   ``dvc.lock`` entries of its stages handed back as a table artifact. The parent merges those
-  entries and pulls the outputs, so its checkout reads as up to date (``dvc status`` clean).
+  entries and pulls the outputs, all or nothing, so its checkout reads as up to date.
+* Every path: DVC calls wait for a busy checkout, the report is written even when the run stops,
+  a category ``dvc status`` still reports changed afterwards fails the run, and Prefect events
+  (``urd.retrain.failed``, ``urd.category.failed``, ``urd.promotion.rejected``) feed the
+  automation of ``python -m pipeline notify``.
 * ``serve_retrain``: ``retrain`` served as ``retrain/served`` on the cron of ``params.retrain`` (one host).
   Several hosts: ``prefect.yaml`` (deployments on a ``process`` work pool).
 """
