@@ -34,7 +34,7 @@ from urd.checkpoint import load_model, model_meta, save_model  # noqa: E402
 from urd.config import load_params  # noqa: E402
 from urd.export import OnnxBundle, export_bundle, quantize_bundle  # noqa: E402
 from urd.model import URD  # noqa: E402
-from urd.train import native_bf16  # noqa: E402
+from urd.runtime import native_bf16  # noqa: E402
 
 
 def median_seconds(fn, repeats: int) -> float:

@@ -44,7 +44,8 @@ from urd.data.textures import texture_cache  # noqa: E402
 from urd.data.torch_data import image_tensor, to_unit  # noqa: E402
 from urd.evaluate import compute_metrics  # noqa: E402
 from urd.metrics import image_metrics, pixel_metrics  # noqa: E402
-from urd.train import score_images, train_category  # noqa: E402
+from urd.scoring import score_images  # noqa: E402
+from urd.train import train_category  # noqa: E402
 
 TEST = {"I": "image_auroc", "P": "pixel_auroc", "PRO": "pixel_aupro"}
 SIGNALS = ("val_mean", "syn_I", "syn_P", "syn_PRO")

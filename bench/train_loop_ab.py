@@ -45,7 +45,7 @@ def worker(precision: str, iterations: int, warmup: int) -> dict:
     params = params.for_category(category)
     workers = params.train.num_workers
     if workers == "auto":
-        from urd.train import resolve_num_workers
+        from urd.runtime import resolve_num_workers
 
         workers = resolve_num_workers(workers)
     precision = precision if precision != "default" else params.train.precision
@@ -69,7 +69,7 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.iterations, args.warmup)))
         return
-    from urd.train import native_bf16
+    from urd.runtime import native_bf16
 
     after_precisions = ["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"]
     before_commit = subprocess.run(["git", "rev-parse", "--short", args.before], capture_output=True, text=True, check=True, cwd=ROOT).stdout.strip()

@@ -53,7 +53,8 @@ from _timing import timings  # noqa: E402
 from urd.config import load_params  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
 from urd.model.urd import URD  # noqa: E402
-from urd.train import make_optimizers, native_bf16, train_category, train_step  # noqa: E402
+from urd.runtime import native_bf16  # noqa: E402
+from urd.train import make_optimizers, train_category, train_step  # noqa: E402
 
 PHASES = ("data", "synthesis", "expert", "teacher_forward", "teacher_backward", "teacher_features", "student_forward",
           "student_backward", "optimizer")

@@ -31,7 +31,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import yaml
 from prefect import flow, get_run_logger, task
@@ -39,7 +39,7 @@ from prefect import flow, get_run_logger, task
 from urd.config import Params, load_params
 
 from . import tracking
-from .process import StageFailed, failure_summary, run_logged
+from .process import StageFailed
 from .stages import paths
 from .workspace import GLOBAL_STAGES, changed_categories, data_pointers, dvc, git, merge_category, stage_category, stage_env, travel_problems
 

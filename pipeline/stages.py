@@ -123,7 +123,7 @@ def train(params: Params, category: str) -> None:
 
     from urd.checkpoint import load_checkpoint
     from urd.data.manifest import read_manifest
-    from urd.train import data_fingerprint, train_category
+    from urd.train import data_fingerprint, resume_problem, train_category
 
     from . import tracking
 
@@ -132,8 +132,7 @@ def train(params: Params, category: str) -> None:
     checkpoint = out["model"] / "checkpoints" / "last.pt"
     resume = checkpoint.exists()
     if resume:
-        state = load_checkpoint(checkpoint)
-        if state.get("params") != params.for_category(category).fingerprint() or state.get("data") != data_fingerprint(manifest):
+        if resume_problem(load_checkpoint(checkpoint), checkpoint, params.for_category(category).fingerprint(), data_fingerprint(manifest)):
             # An interrupted run with other params or images (DVC reruns train when they change): start over.
             shutil.rmtree(checkpoint.parent)
             resume = False

@@ -28,7 +28,7 @@ def trained(tmp_path_factory):
 def test_train_writes_the_model_folder(trained):
     for name in ("model.safetensors", "model.json", "manifest.csv", "training.json", "checkpoints/last.pt"):
         assert (trained / "model" / name).is_file(), name
-    from urd.train import resolve_precision
+    from urd.runtime import resolve_precision
 
     summary = json.loads((trained / "model" / "training.json").read_text())
     # train.precision defaults to auto; what ran on this host is recorded next to what was asked

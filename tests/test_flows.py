@@ -16,12 +16,12 @@ import urllib.request
 from pathlib import Path
 
 import cv2
-import numpy as np
 import psutil
 import pytest
 import yaml
 
-from pipeline.flows import StageFailed, failure_summary, require_server, run_logged, stages_ran
+from pipeline.flows import require_server, stages_ran
+from pipeline.process import StageFailed, failure_summary, run_logged
 from pipeline.stages import STAGE_PARAMS, stage_params
 from urd.config import Params, RetrainParams, parse_params
 

@@ -48,7 +48,7 @@ def test_predict_with_the_bundle_reproduces_the_evaluate_scores(packaged):
 def test_predictor_precision_per_model_kind(packaged, monkeypatch):
     import numpy as np
 
-    import urd.train as train
+    import urd.runtime as runtime
     from urd.inference import Predictor
 
     files = pd.read_csv(packaged / "report" / "scores.csv")["path"].tolist()
@@ -59,9 +59,9 @@ def test_predictor_precision_per_model_kind(packaged, monkeypatch):
     scores16 = np.array([r.score for r in bf16.predict(files)])
     assert not np.array_equal(scores32, scores16)  # bf16 did run
     np.testing.assert_allclose(scores16, scores32, rtol=2e-2)
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2"})
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2"})
     assert Predictor(packaged / "model").precision == "fp32"
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx512_bf16"})
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx512_bf16"})
     assert Predictor(packaged / "model").precision == "bf16"
     assert Predictor(packaged / "bundle").precision == "fp32"  # ONNX Runtime runs the fp32 graph unless int8 is asked for
     with pytest.raises(ValueError, match="int8"):

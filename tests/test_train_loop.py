@@ -10,7 +10,8 @@ from urd.checkpoint import load_model
 from urd.config import CalibrateParams, parse_params
 from urd.data.demo import DemoSpec, generate_demo
 from urd.data.manifest import build_manifest
-from urd.train import FrozenFeatureCache, score_images, train_category
+from urd.scoring import score_images
+from urd.train import FrozenFeatureCache, train_category
 
 
 @pytest.fixture(scope="module")
@@ -89,28 +90,28 @@ def test_calibration_with_labelled_anomalies_is_f1_optimal():
 def test_precision_auto_is_bf16_only_where_the_hardware_runs_it(monkeypatch):
     import torch
 
-    import urd.train as train
+    import urd.runtime as runtime
 
     cpu = torch.device("cpu")
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "fma"})  # the EPYC that emulated bf16 at 0.07x fp32
-    assert train.resolve_precision("auto", cpu) == "fp32" and train.resolve_precision("bf16", cpu) == "bf16"
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    assert train.resolve_precision("auto", cpu) == "bf16" and train.resolve_precision("fp32", cpu) == "fp32"
-    monkeypatch.setattr(train, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
-    assert train.resolve_precision("auto", cpu) == "bf16"
-    assert isinstance(train.autocast_for(cpu, "auto")(), torch.autocast)
-    monkeypatch.setattr(train, "cpu_flags", lambda: set())
-    assert not isinstance(train.autocast_for(cpu, "auto")(), torch.autocast)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})  # the EPYC that emulated bf16 at 0.07x fp32
+    assert runtime.resolve_precision("auto", cpu) == "fp32" and runtime.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert runtime.resolve_precision("auto", cpu) == "bf16" and runtime.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    assert isinstance(runtime.autocast_for(cpu, "auto")(), torch.autocast)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: set())
+    assert not isinstance(runtime.autocast_for(cpu, "auto")(), torch.autocast)
 
 
 def test_num_workers_auto_leaves_small_machines_the_cores(monkeypatch):
-    import urd.train as train
+    import urd.runtime as runtime
     from urd.config import parse_params
 
-    monkeypatch.setattr(train, "usable_cores", lambda: 2)
-    assert train.resolve_num_workers("auto") == 0  # 2 cores: the loop was fastest without workers
-    monkeypatch.setattr(train, "usable_cores", lambda: 16)
-    assert train.resolve_num_workers("auto") == 4 and train.resolve_num_workers(1) == 1
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert runtime.resolve_num_workers("auto") == 0  # 2 cores: the loop was fastest without workers
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 16)
+    assert runtime.resolve_num_workers("auto") == 4 and runtime.resolve_num_workers(1) == 1
     assert parse_params({}).train.num_workers == "auto" and parse_params({"train": {"num_workers": 3}}).train.num_workers == 3
     for bad in (-1, "many"):
         with pytest.raises(ValueError, match="num_workers"):

@@ -4,7 +4,6 @@ busy checkout, what can reach a fan-out worker, the all-or-nothing merge, leftov
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 

@@ -84,7 +84,7 @@ def calibrate_model(model_dir, manifest, params: CalibrateParams, calibration_ro
     import torch
 
     from .checkpoint import atomic_write_text, load_model
-    from .train import score_images
+    from .scoring import score_images
 
     graph, meta = load_model(model_dir, device)
     size = meta["preprocessing"]["image_size"]

@@ -173,7 +173,7 @@ def evaluate_model(model_dir: str | Path, manifest: pd.DataFrame, out_dir: str |
     import torch
 
     from .checkpoint import load_model
-    from .train import score_images
+    from .scoring import score_images
 
     graph, meta = load_model(model_dir, device)
     test = manifest[manifest["split"] == "test"].reset_index(drop=True)

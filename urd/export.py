@@ -147,29 +147,20 @@ def int8_parity(bundle_dir: str | Path, rows, batch_size: int = 16) -> dict[str,
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
-    from .data.torch_data import EvalDataset, eval_loader
+    from .scoring import score_rows
 
     graphs = {"fp32": OnnxBundle(bundle_dir), "int8": OnnxBundle(bundle_dir, precision="int8")}
     size = int(graphs["fp32"].metadata["preprocessing"]["image_size"])
-    scores: dict[str, list[np.ndarray]] = {k: [] for k in graphs}
-    maps: dict[str, list[np.ndarray]] = {k: [] for k in graphs}
-    masks = []
-    for batch in eval_loader(EvalDataset(rows, size), batch_size):
-        for name, graph in graphs.items():
-            m, s = graph(batch["image"].numpy())
-            maps[name].append(m[:, 0])
-            scores[name].append(s)
-        masks.append(batch["mask"][:, 0].numpy() > 0.5)
+    scored = {name: score_rows(graph.score, rows, size, batch_size) for name, graph in graphs.items()}
     labels = rows["label"].to_numpy().astype(bool)
-    pixels = np.concatenate(masks).ravel()
+    pixels = scored["fp32"][2].ravel()
     out: dict[str, Any] = {"images": int(len(rows))}
-    score = {k: np.concatenate(v) for k, v in scores.items()}
-    out["image_score_spearman"] = float(spearmanr(score["fp32"], score["int8"]).statistic)
-    for name in graphs:
+    out["image_score_spearman"] = float(spearmanr(scored["fp32"][1], scored["int8"][1]).statistic)
+    for name, (maps, scores, _) in scored.items():
         if labels.any() and not labels.all():
-            out[f"{name}_image_auroc"] = float(roc_auc_score(labels, score[name]))
+            out[f"{name}_image_auroc"] = float(roc_auc_score(labels, scores))
         if pixels.any() and not pixels.all():
-            out[f"{name}_pixel_auroc"] = float(roc_auc_score(pixels, np.concatenate(maps[name]).ravel()))
+            out[f"{name}_pixel_auroc"] = float(roc_auc_score(pixels, maps.ravel()))
     return out
 
 
@@ -201,3 +192,8 @@ class OnnxBundle:
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         maps, scores = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
         return maps, scores
+
+    def score(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """A scorer (urd.scoring): RGB batch in [0, 1] -> anomaly maps (N x S x S), image scores (N)."""
+        maps, scores = self(images.numpy())
+        return maps[:, 0], scores

@@ -17,8 +17,9 @@ from .calibrate import normalize_scores
 from .checkpoint import load_model
 from .data.images import ImageReadError, read_image, resize_image
 from .data.layouts import IMAGE_SUFFIXES
-from .data.torch_data import EvalDataset, eval_loader, to_unit
+from .data.torch_data import to_unit
 from .evaluate import overlay
+from .scoring import score_rows, torch_scorer
 
 CALIBRATION_FILE = "calibration.json"
 
@@ -60,7 +61,7 @@ class Predictor:
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", precision: str = "auto") -> None:
         from .export import METADATA_FILE, OnnxBundle
-        from .train import autocast_for, resolve_precision
+        from .runtime import autocast_for, resolve_precision
 
         self.model_dir = Path(model_dir)
         self.device = torch.device(device)
@@ -73,6 +74,7 @@ class Predictor:
                 raise ValueError(f"precision {precision!r} is not available for an ONNX bundle ({self.model_dir}); use auto, fp32 or int8")
             self.precision = "int8" if precision == "int8" else "fp32"
             self.bundle = OnnxBundle(self.model_dir, metadata, precision=self.precision)
+            self.scorer = self.bundle.score
             self.meta = metadata
         else:  # a model folder, or a bundle without ONNX (it holds the weights too)
             if precision not in ("auto", "fp32", "bf16"):
@@ -81,8 +83,8 @@ class Predictor:
             self.precision = resolve_precision(precision, self.device)
             self.autocast = autocast_for(self.device, self.precision)
             self.graph, self.meta = load_model(self.model_dir, self.device)
-            # channels_last: 1.2-1.6x faster on CPU at every size and batch measured (bench/results/bundle_latency_cpu.md)
-            self.graph = self.graph.to(memory_format=torch.channels_last)
+            # channels_last inside: faster on CPU at every size and batch measured (bench/results/bundle_latency_cpu.md)
+            self.scorer = torch_scorer(self.graph, self.device, self.autocast)
         if metadata is not None:
             self.calibration = metadata.get("thresholds")
         else:
@@ -90,15 +92,9 @@ class Predictor:
             self.calibration = json.loads(calibration.read_text()) if calibration.is_file() else None
         self.image_size = int(self.meta["preprocessing"]["image_size"])
 
-    @torch.no_grad()
     def score_tensor(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """N x 3 x S x S RGB images in [0, 1] -> anomaly maps (N x S x S) and image scores (N), raw scale."""
-        if self.bundle is not None:
-            maps, scores = self.bundle(images.numpy())
-            return maps[:, 0], scores
-        with self.autocast():
-            maps, scores = self.graph(images.to(self.device, memory_format=torch.channels_last))
-        return maps[:, 0].float().cpu().numpy(), scores.float().cpu().numpy()
+        return self.scorer(images)
 
     def score_arrays(self, images: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         """RGB uint8 images (any size) -> anomaly maps (N x S x S) and image scores (N), raw scale."""
@@ -108,15 +104,9 @@ class Predictor:
     def score_rows(self, rows: pd.DataFrame, batch_size: int = 8, progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Manifest rows -> anomaly maps (N x S x S), image scores (N) and ground-truth masks
         (N x S x S bool) at this model's input size: what evaluate computes, for any model or bundle."""
-        maps, scores, masks = [], [], []
-        for batch in tqdm(eval_loader(EvalDataset(rows, self.image_size), batch_size), desc="scoring", unit="batch", disable=not progress):
-            m, s = self.score_tensor(batch["image"])
-            maps.append(m)
-            scores.append(s)
-            masks.append(batch["mask"][:, 0].numpy() > 0.5)
-        if not maps:
+        if not len(rows):
             raise ValueError("no images to score")
-        return np.concatenate(maps), np.concatenate(scores), np.concatenate(masks)
+        return score_rows(self.scorer, rows, self.image_size, batch_size, progress)
 
     def decide(self, score: float) -> tuple[float, bool | None]:
         """(normalised score, is anomalous) at the calibrated threshold; (nan, None) uncalibrated."""

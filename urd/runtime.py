@@ -1,4 +1,6 @@
-"""The CPU threads a process may use, shared fairly among the urd jobs running on one host.
+"""Where and how the math runs: device, precision (bf16 autocast where the hardware computes it),
+data-loader workers, and the CPU threads a process may use, shared fairly among the urd jobs
+running on one host.
 
 A torch process starts as many OpenMP threads as the machine has cores. Two such processes on a
 2-core host (two trainings, the inspection service beside a retrain, a test run beside a build)
@@ -18,12 +20,18 @@ gives up half its threads when a second one starts beside it, and takes them bac
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Callable
+
+if TYPE_CHECKING:
+    import torch
+# torch is imported where it is used: stages that never compute (ingest, validate) stay light.
 
 THREADS_ENV = "URD_THREADS"
 REGISTRY_ENV = "URD_CPU_REGISTRY"
@@ -68,6 +76,63 @@ def usable_cores() -> int:
     if quota is not None:
         cores = min(cores, max(1, math.floor(quota)))
     return max(1, cores)
+
+
+def resolve_device(name: str) -> torch.device:
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; set train.device: auto or cpu")
+    return torch.device(name)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` computes bf16 in hardware: CUDA that supports it, or a CPU with
+    AVX-512-BF16 or AMX. Elsewhere bf16 is emulated and far slower than fp32
+    (bench/results/train_speed_cpu.json)."""
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """train.precision -> what runs: "auto" becomes bf16 where :func:`native_bf16`, else fp32."""
+    if precision == "auto":
+        return "bf16" if native_bf16(device) else "fp32"
+    return precision
+
+
+def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
+    import torch
+
+    if resolve_precision(precision, device) == "bf16":
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
+def resolve_num_workers(num_workers: int | str) -> int:
+    """train.num_workers -> loader processes: "auto" is a quarter of the usable cores. Workers
+    share the cores with the math threads: on 2 cores the loop ran fastest with none, while a
+    16-core GPU host gets 4 (bench/results/train_profile_cpu.md)."""
+    if num_workers == "auto":
+        return usable_cores() // 4
+    return int(num_workers)
 
 
 def explicit_threads(setting: int | str = "auto") -> int | None:
@@ -171,7 +236,7 @@ class ThreadBudget:
                 torch = sys.modules.get("torch")
                 if torch is not None:
                     torch.set_num_threads(threads)
-                else:  # read by torch (and numpy's BLAS) when imported later: a stage without torch does not pay its import
+                else:  # read by torch (and numpy's BLAS) when imported later
                     os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
                 self.current = threads
                 self.seen.append(threads)

@@ -6,14 +6,12 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
@@ -24,12 +22,13 @@ from .data.prepare import compute_foreground, load_foreground, load_textures
 from .data.foreground import method_for
 from .data.synthesis import AnomalySynthesizer
 from .data.textures import texture_cache
-from .data.torch_data import EvalDataset, TrainDataset, eval_loader, to_unit, train_batches
+from .data.torch_data import TrainDataset, to_unit, train_batches
 from .model.backbone import Encoder
 from .model.losses import student_loss, teacher_loss
-from .model.urd import URD, InferenceGraph
+from .model.urd import URD
 from .progress import Progress
-from .runtime import ThreadBudget
+from .runtime import ThreadBudget, autocast_for, resolve_device, resolve_num_workers, resolve_precision
+from .scoring import score_images
 
 
 @dataclass
@@ -209,85 +208,16 @@ def train_step(
 # ----------------------------------------------------------------------------------------- the loop
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; set train.device: auto or cpu")
-    return torch.device(name)
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as info:
-            for line in info:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def native_bf16(device: torch.device) -> bool:
-    """Whether ``device`` computes bf16 in hardware: CUDA that supports it, or a CPU with
-    AVX-512-BF16 or AMX. Elsewhere bf16 is emulated and far slower than fp32 (14x measured on an
-    AVX2-only EPYC, bench/results/train_speed_cpu.json)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    return bool(cpu_flags() & {"avx512_bf16", "amx_bf16"})
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """train.precision -> what runs: "auto" becomes bf16 where :func:`native_bf16`, else fp32."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
-
-
-def resolve_num_workers(num_workers: int | str) -> int:
-    """train.num_workers -> loader processes: "auto" is a quarter of the usable cores. Workers
-    share the cores with the math threads; on 2 cores the loop ran fastest with none (fp32 123 vs
-    133 ms/iteration with 2, bench/results/train_profile_cpu.md), while a 16-core GPU host gets 4."""
-    if num_workers == "auto":
-        return usable_cores() // 4
-    return int(num_workers)
-
-
-def autocast_for(device: torch.device, precision: str) -> Callable[[], contextlib.AbstractContextManager]:
-    if resolve_precision(precision, device) == "bf16":
-        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext
-
-
-@torch.no_grad()
-def score_images(
-    graph: InferenceGraph, rows: pd.DataFrame, image_size: int, device: torch.device, batch_size: int = 8,
-    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext, progress: bool = False, desc: str = "scoring",
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Anomaly maps (N x S x S float32), image scores (N,) and ground-truth masks (N x S x S bool) of ``rows``."""
-    graph.eval().to(memory_format=torch.channels_last)
-    maps, scores, masks = [], [], []
-    loader = eval_loader(EvalDataset(rows, image_size), batch_size)
-    with Progress(len(loader), desc, unit="batch", enabled=progress) as bar:
-        for batch in loader:
-            with autocast():
-                amap, score = graph(batch["image"].to(device, memory_format=torch.channels_last))
-            maps.append(amap[:, 0].float().cpu().numpy())
-            scores.append(score.float().cpu().numpy())
-            masks.append(batch["mask"][:, 0].numpy() > 0.5)
-            bar.update(1)
-    if not maps:
-        s = image_size
-        return np.zeros((0, s, s), np.float32), np.zeros(0, np.float32), np.zeros((0, s, s), bool)
-    return np.concatenate(maps), np.concatenate(scores), np.concatenate(masks)
+def resume_problem(state: dict[str, Any], checkpoint_path: Path, params_json: str, data: str) -> str | None:
+    """Why the checkpoint ``state`` cannot be resumed with these params (``Params.fingerprint``)
+    and data (:func:`data_fingerprint`), or None. The one resume-compatibility rule."""
+    if state.get("params") != params_json:
+        return (f"{checkpoint_path} was written with other params than params.yaml has now; resuming would mix two "
+                f"runs. Remove {checkpoint_path.parent} to start over, or restore the params it was trained with.")
+    if state.get("data") != data:
+        return (f"{checkpoint_path} was written while training on other images (the train/val split changed since); resuming "
+                f"would mix two datasets. Remove {checkpoint_path.parent} to start over.")
+    return None
 
 
 def data_fingerprint(manifest: pd.DataFrame) -> str:
@@ -374,16 +304,9 @@ def train_category(
     data = data_fingerprint(manifest)
     if resume and checkpoint_path.exists():
         state = load_checkpoint(checkpoint_path)
-        if state.get("params") != params_json:
-            raise ValueError(
-                f"{checkpoint_path} was written with other params than params.yaml has now; resuming would mix two "
-                f"runs. Remove {checkpoint_path.parent} to start over, or restore the params it was trained with."
-            )
-        if state.get("data") != data:
-            raise ValueError(
-                f"{checkpoint_path} was written while training on other images (the train/val split changed since); resuming "
-                f"would mix two datasets. Remove {checkpoint_path.parent} to start over."
-            )
+        problem = resume_problem(state, checkpoint_path, params_json, data)
+        if problem:
+            raise ValueError(problem)
         model.load_state_dict(state["model"])
         optimizers.student.load_state_dict(state["optimizer_student"])
         if optimizers.teacher is not None:
