@@ -140,7 +140,7 @@ def train_step(
     teacher_normal: list[Tensor] | None = None,
     expert_normal: list[Tensor] | None = None,
 ) -> dict[str, float]:
-    """One step in the order of the authors' release (NOTES.md):
+    """One step in the order of the authors' release (https://github.com/hito2448/URD at commit 95dd027):
 
     1. expert features of I_n (and I_a for the release term), without gradient;
     2. teacher step on L_TE, teacher in train mode (eval mode with ``teacher_batchnorm: frozen``),

@@ -8,7 +8,7 @@ Methods (``synthesis.foreground.<category>`` in params):
 * ``grabcut``   - OpenCV GrabCut seeded with the frame inside a 1-pixel border, 11 iterations
 * ``threshold:<0-255>`` - fixed grey threshold, bright object
 
-Defaults per dataset follow the authors' release (NOTES.md): for MVTec AD Otsu (inverted) for
+Defaults per dataset follow the authors' release (https://github.com/hito2448/URD at commit 95dd027): for MVTec AD Otsu (inverted) for
 capsule and screw, GrabCut for seven objects, none for the textures and transistor; for VisA
 GrabCut for all 12 categories. ``synthesis.foreground.<category>`` overrides them. Masks are
 computed once per image at the training resolution and cached by the prepare stage.
