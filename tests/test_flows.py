@@ -361,6 +361,13 @@ def test_fan_out_retrains_an_edited_category_on_a_worker_and_fails_bad_data_by_n
     truncated = checkout / "data/raw/demo/tiles/train/good/003.png"
     original = truncated.read_bytes()
     truncated.write_bytes(original[: len(original) // 2])
+    # ... and a `dvc repro` here was interrupted in widget's train stage: its persisted run file and
+    # its MLflow run, still RUNNING, are left behind (the merge must replace them, not fail on them)
+    from mlflow import MlflowClient
+
+    stale = MlflowClient().create_run(MlflowClient().get_experiment_by_name("urd-demo").experiment_id)
+    run_file = checkout / "models/widget/mlflow_run.json"
+    run_file.write_text(json.dumps({"run_id": stale.info.run_id, "experiment_id": stale.info.experiment_id, "tracking_uri": env["MLFLOW_TRACKING_URI"]}))
     with get_client(sync_client=True) as client:
         before = {r.id for r in client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train-category"])))}
 
@@ -380,6 +387,8 @@ def test_fan_out_retrains_an_edited_category_on_a_worker_and_fails_bad_data_by_n
     status = _dvc_status(checkout, env)
     assert not any("widget" in stage for stage in status) and any(stage.endswith("@tiles") for stage in status), status
     assert "added.png" in (checkout / "data/validated/widget.csv").read_text()
+    assert MlflowClient().get_run(stale.info.run_id).info.status == "KILLED"
+    assert json.loads(run_file.read_text())["run_id"] != stale.info.run_id
     # a person hears of both
     receiver.wait_for("urd.promotion.rejected", "widget")
     receiver.wait_for("urd.category.failed", "tiles", "003.png")
