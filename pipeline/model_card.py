@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from urd.checkpoint import atomic_write_text
+from urd.files import atomic_write_text
 
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"

@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from urd.config import RUNTIME_KEYS, ConfigError, Params, load_params
+from urd.files import CALIBRATION_FILE
 from urd.runtime import ThreadBudget
 
 PARAMS = Path("params.yaml")
@@ -45,7 +46,7 @@ def paths(category: str = "") -> dict[str, Path]:
         "textures": Path("data/prepared/textures.npy"),
         "prepared": Path("data/prepared") / category,
         "model": Path("models") / category,
-        "calibration": Path("models") / category / "calibration.json",
+        "calibration": Path("models") / category / CALIBRATION_FILE,
         "mlflow_run": Path("models") / category / "mlflow_run.json",
         "metrics": Path("metrics") / f"{category}.json",
         "report": Path("reports") / category,
@@ -227,7 +228,7 @@ def _quantize(bundle: Path, manifest, image_size: int) -> None:
     (reported only) goes into metadata.json, where the model card reads it."""
     import numpy as np
 
-    from urd.checkpoint import atomic_write_text
+    from urd.files import atomic_write_text
     from urd.data.torch_data import EvalDataset, eval_loader
     from urd.export import INT8_ONNX_FILE, METADATA_FILE, int8_parity, quantize_bundle
 

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from urd.checkpoint import atomic_write_text
+from urd.files import atomic_write_text
 
 from .process import StageFailed, run_logged
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from .config import CalibrateParams
+from .files import CALIBRATION_FILE, atomic_write_text
 from .metrics import binary_curve, curve_f1_max
 
 
@@ -83,7 +84,7 @@ def calibrate_model(model_dir, manifest, params: CalibrateParams, calibration_ro
 
     import torch
 
-    from .checkpoint import atomic_write_text, load_model
+    from .checkpoint import load_model
     from .scoring import score_images
 
     graph, meta = load_model(model_dir, device)
@@ -103,5 +104,5 @@ def calibrate_model(model_dir, manifest, params: CalibrateParams, calibration_ro
         maps, scores, masks = score_images(graph, defects, size, torch.device(device), progress=progress, desc="calibrate (defects)")
         anomaly = {"anomaly_scores": scores, "anomaly_maps": maps, "anomaly_masks": masks}
     result = calibrate(params, val_scores, val_maps, **anomaly)
-    atomic_write_text(Path(model_dir) / "calibration.json", json.dumps(result, indent=2) + "\n")
+    atomic_write_text(Path(model_dir) / CALIBRATION_FILE, json.dumps(result, indent=2) + "\n")
     return result

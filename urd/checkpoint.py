@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,25 +18,16 @@ from safetensors.torch import load_file, save_file
 from . import __version__
 from .config import Params
 from .data.images import RESIZE_METHOD
+from .files import MODEL_META, MODEL_WEIGHTS, atomic_write, atomic_write_text
 from .model.backbone import backbone_spec
 from .model.urd import URD, InferenceGraph
 
-MODEL_WEIGHTS = "model.safetensors"
-MODEL_META = "model.json"
 # 2: the graph takes RGB in [0, 1] and normalises inside (1 took inputs normalised outside)
 MODEL_FORMAT = "urd-model/2"
 
 
 class ModelFileError(FileNotFoundError):
     """A model folder that is missing a file or does not match its metadata."""
-
-
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def model_meta(params: Params, category: str) -> dict[str, Any]:
@@ -73,9 +63,7 @@ def save_model(model: URD, meta: dict[str, Any], out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in model.inference_graph().state_dict().items()}
-    tmp = out_dir / f".{MODEL_WEIGHTS}.tmp"
-    save_file(state, str(tmp))
-    os.replace(tmp, out_dir / MODEL_WEIGHTS)
+    atomic_write(out_dir / MODEL_WEIGHTS, lambda tmp: save_file(state, str(tmp)))
     atomic_write_text(out_dir / MODEL_META, json.dumps(meta, indent=2) + "\n")
     return out_dir
 
@@ -110,11 +98,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

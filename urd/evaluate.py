@@ -14,7 +14,7 @@ import cv2
 import numpy as np
 import pandas as pd
 
-from .checkpoint import atomic_write_text
+from .files import CALIBRATION_FILE, atomic_write_text
 from .data.images import read_image, resize_image
 from .metrics import auroc_interval, binary_curve, image_metrics, pixel_metrics, pro_curve
 
@@ -180,6 +180,6 @@ def evaluate_model(model_dir: str | Path, manifest: pd.DataFrame, out_dir: str |
     if test.empty:
         raise ValueError("the manifest has no test images to evaluate")
     maps, scores, masks = score_images(graph, test, meta["preprocessing"]["image_size"], torch.device(device), progress=progress, desc="evaluate")
-    calibration_file = Path(model_dir) / "calibration.json"
+    calibration_file = Path(model_dir) / CALIBRATION_FILE
     calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
     return write_report(test, scores, maps, masks, out_dir, pro_limit, gallery_size, calibration, plots_dir)

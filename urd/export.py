@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import MODEL_META, MODEL_WEIGHTS, atomic_write_text, load_model
+from .checkpoint import load_model
+from .files import CALIBRATION_FILE, MODEL_META, MODEL_WEIGHTS, atomic_write_text
 
 ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"
@@ -54,7 +55,7 @@ def export_bundle(
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise FileExistsError(f"{out_dir} is not empty; pass overwrite=True (--overwrite) to replace the bundle there.")
     graph, meta = load_model(model_dir)
-    calibration_file = model_dir / "calibration.json"
+    calibration_file = model_dir / CALIBRATION_FILE
     calibration = json.loads(calibration_file.read_text()) if calibration_file.is_file() else None
     size = meta["preprocessing"]["image_size"]
     example = torch.rand(2, 3, size, size)

@@ -15,13 +15,13 @@ from tqdm import tqdm
 
 from .calibrate import normalize_scores
 from .checkpoint import load_model
+from .files import CALIBRATION_FILE
 from .data.images import ImageReadError, read_image, resize_image
 from .data.layouts import IMAGE_SUFFIXES
 from .data.torch_data import to_unit
 from .evaluate import overlay
 from .scoring import score_rows, torch_scorer
 
-CALIBRATION_FILE = "calibration.json"
 
 
 @dataclass

@@ -16,7 +16,8 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from .checkpoint import atomic_write_text, load_checkpoint, model_meta, save_checkpoint, save_model
+from .checkpoint import load_checkpoint, model_meta, save_checkpoint, save_model
+from .files import atomic_write_text
 from .config import Params, TrainParams
 from .data.prepare import compute_foreground, load_foreground, load_textures
 from .data.foreground import method_for

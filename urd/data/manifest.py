@@ -15,6 +15,8 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from ..files import atomic_write
+
 from .images import _decode
 from .layouts import Record, read_layout
 
@@ -72,11 +74,7 @@ def read_manifest(path: str | Path) -> pd.DataFrame:
 
 
 def write_manifest(frame: pd.DataFrame, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    frame.to_csv(tmp, index=False)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def ingest_category(params, category: str, progress: bool = True) -> pd.DataFrame:
