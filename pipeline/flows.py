@@ -37,6 +37,7 @@ import yaml
 from prefect import flow, get_run_logger, task
 
 from urd.config import Params, load_params
+from urd.evaluate import HEADLINE, headline
 
 from . import tracking
 from .process import StageFailed
@@ -108,16 +109,14 @@ def report_markdown(results: list[CategoryResult], root: Path, nothing_changed: 
     if nothing_changed:
         return "# Retrain: nothing changed\n\n`dvc status` reports no change in data, params or code: nothing ran, nothing was promoted.\n" + tail
     lines = [f"# Retrain: {sum(not r.error for r in results)} of {len(results)} categories rebuilt" + (" (fan-out)" if fan_out else ""), "",
-             "| category | stages run | result | I-AUROC | P-AUROC | AUPRO | decision | why | model card | MLflow run |",
+             f"| category | stages run | result | {' | '.join(HEADLINE)} | decision | why | model card | MLflow run |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
-        m = r.metrics
-        fmt = lambda k: f"{100 * m[k]:.1f}" if k in m else "-"  # noqa: E731
         decision = r.gate.get("decision", "not gated" if not promote or r.error else "-")
         why = r.gate.get("reason", "") if r.gate else r.error
         card = paths(r.category)["bundle"] / "model_card.md"
         lines.append(f"| {r.category} | {len(r.ran)} ({', '.join(s.split('@')[0] for s in r.ran) or 'none'}) | {'FAILED' if r.error else 'ok'} | "
-                     f"{fmt('image_auroc')} | {fmt('pixel_auroc')} | {fmt('pixel_aupro')} | **{decision}** | {why.replace('|', '/').replace(chr(10), ' ')} | "
+                     f"{' | '.join(headline(r.metrics))} | **{decision}** | {why.replace('|', '/').replace(chr(10), ' ')} | "
                      f"{'`' + str(card) + '`' if (root / card).is_file() and not r.error else '-'} | {r.mlflow_run or '-'} |")
     return "\n".join(lines) + "\n" + tail
 

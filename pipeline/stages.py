@@ -249,18 +249,17 @@ def summary(params: Params) -> None:
 
     from . import tracking
 
+    from urd.evaluate import HEADLINE, headline
+
     table = Table(title=f"urd: {params.dataset.name} (test split)")
-    for column in ("category", "I-AUROC [95% CI]", "P-AUROC", "AUPRO@0.3", "model card (in the bundle)"):
+    for column in ("category", *HEADLINE, "model card (in the bundle)"):
         table.add_column(column)
     for category in params.dataset.categories:
         out = paths(category)
         if not out["metrics"].is_file():
             table.add_row(category, "-", "-", "-", "(not built: run dvc repro)")
             continue
-        m = json.loads(out["metrics"].read_text())
-        interval = f" [{100 * m['image_auroc_ci_low']:.0f}-{100 * m['image_auroc_ci_high']:.0f}]" if "image_auroc_ci_low" in m else ""
-        table.add_row(category, f"{100 * m['image_auroc']:.1f}{interval}", *(f"{100 * m[k]:.1f}" for k in ("pixel_auroc", "pixel_aupro")),
-                      str(out["bundle"] / "model_card.md"))
+        table.add_row(category, *headline(json.loads(out["metrics"].read_text())), str(out["bundle"] / "model_card.md"))
     console = Console(width=120)
     console.print(table)
     uri = tracking.tracking_uri()

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -87,9 +86,14 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, str]:
 
 
 def git_state(root: Path) -> dict[str, str]:
+    from .process import StageFailed
+    from .workspace import git as run_git
+
     def git(*args: str) -> str:
-        result = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True)
-        return result.stdout.strip() if result.returncode == 0 else ""
+        try:
+            return run_git(root, *args).strip()
+        except (StageFailed, OSError):  # not a git checkout, or no git: "unknown"
+            return ""
 
     commit = git("rev-parse", "HEAD")
     return {"git_commit": commit or "unknown", "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower() if commit else "unknown"}

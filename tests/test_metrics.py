@@ -137,3 +137,12 @@ def test_auroc_interval_brackets_the_estimate_and_shrinks_with_more_images():
     assert big_high - big_low < 0.6 * (high - low)  # ~1/sqrt(10) of the width
     assert auroc_interval(np.array([0, 1, 0, 1]), np.array([0.1, 0.9, 0.2, 0.8])) == (1.0, 1.0)
     assert all(np.isnan(auroc_interval(np.ones(5), np.arange(5.0))))
+
+
+def test_every_summary_shows_the_same_headline_numbers():
+    from urd.evaluate import HEADLINE, headline
+
+    overall = {"image_auroc": 0.9861, "image_auroc_ci_low": 0.9663, "image_auroc_ci_high": 0.9994, "pixel_auroc": 0.98, "pixel_aupro": float("nan")}
+    assert HEADLINE == ("I-AUROC [95% CI]", "P-AUROC", "AUPRO@0.3")
+    assert headline(overall) == ["98.6 [96.6-99.9]", "98.0", "-"]  # no masks: no pixel metric, shown as '-'
+    assert headline({"image_auroc": 0.5}) == ["50.0", "-", "-"]

@@ -231,6 +231,8 @@ def run(
 ) -> None:
     """Train (resuming where a run stopped), calibrate and evaluate every category: the whole job
     for one machine without DVC/MLflow. Prints a summary table."""
+    from .evaluate import HEADLINE, headline
+
     try:
         cfg = load_params(params)
     except ConfigError as exc:
@@ -242,14 +244,11 @@ def run(
         evaluate(model=models / name, params=params, out=reports / name)
         results[name] = json.loads((reports / name / "metrics.json").read_text())
     table = Table(title="test split (thresholds calibrated on val)")
-    for col in ("category", "I-AUROC [95% CI]", "I-AP", "P-AUROC", "P-AP", "AUPRO@0.3", "test FPR / recall at threshold"):
+    for col in ("category", *HEADLINE, "test FPR / recall at threshold"):
         table.add_column(col, justify="right")
     for name, m in results.items():
-        o, c = m["overall"], m.get("at_calibrated_threshold", {})
-        interval = f" [{o.get('image_auroc_ci_low', float('nan')):.2f}-{o.get('image_auroc_ci_high', float('nan')):.2f}]"
-        table.add_row(name, f"{o.get('image_auroc', float('nan')):.3f}{interval}",
-                      *(f"{o.get(k, float('nan')):.3f}" for k in ("image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")),
-                      f"{c.get('false_positive_rate', float('nan')):.2f} / {c.get('recall', float('nan')):.2f}")
+        c = m.get("at_calibrated_threshold", {})
+        table.add_row(name, *headline(m["overall"]), f"{c.get('false_positive_rate', float('nan')):.2f} / {c.get('recall', float('nan')):.2f}")
     console.print(table)
     console.print(f"models: {models}/<category>, reports (metrics.json, curves, gallery.png): {reports}/<category>")
 

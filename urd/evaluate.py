@@ -45,6 +45,20 @@ def compute_metrics(labels: np.ndarray, scores: np.ndarray, maps: np.ndarray, ma
     return {"overall": overall, "per_defect_type": per_type, "counts": {"good": int(good.sum()), "defect": int((~good).sum())}}
 
 
+HEADLINE = ("I-AUROC [95% CI]", "P-AUROC", "AUPRO@0.3")
+
+
+def headline(overall: dict[str, float]) -> list[str]:
+    """The three numbers every summary shows (percent; image AUROC with its bootstrap interval),
+    for the HEADLINE columns; '-' where a metric was not computed (no masks)."""
+    def pct(key: str) -> str:
+        value = overall.get(key)
+        return f"{100 * value:.1f}" if isinstance(value, (int, float)) and value == value else "-"
+
+    interval = f" [{pct('image_auroc_ci_low')}-{pct('image_auroc_ci_high')}]" if "image_auroc_ci_low" in overall else ""
+    return [pct("image_auroc") + interval, pct("pixel_auroc"), pct("pixel_aupro")]
+
+
 def confusion(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, Any]:
     """Test confusion matrix at a threshold calibrated elsewhere (reported, not tuned here)."""
     predicted = scores >= threshold
