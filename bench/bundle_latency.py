@@ -30,10 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
 from _timing import timings  # noqa: E402
 
-from urd.checkpoint import load_model, model_meta, save_model  # noqa: E402
+from urd.checkpoint import build_model, load_model, model_meta, save_model  # noqa: E402
 from urd.config import load_params  # noqa: E402
 from urd.export import OnnxBundle, export_bundle, quantize_bundle  # noqa: E402
-from urd.model import URD  # noqa: E402
 from urd.runtime import native_bf16  # noqa: E402
 
 
@@ -54,7 +53,7 @@ def main() -> None:
         for size in args.sizes:
             params = base.model_copy(update={"dataset": base.dataset.model_copy(update={"image_size": size})})
             model_dir, bundle_dir = Path(tmp) / f"model{size}", Path(tmp) / f"bundle{size}"
-            save_model(URD.from_params(params), model_meta(params, "bench"), model_dir)
+            save_model(build_model(params), model_meta(params, "bench"), model_dir)
             export_bundle(model_dir, bundle_dir, formats=["onnx"])
             quantize_bundle(bundle_dir, np.random.default_rng(0).random((16, 3, size, size), dtype=np.float32))
             graph, _ = load_model(model_dir)

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine  # noqa: E402
 from _timing import timings  # noqa: E402
 
-from pipeline.stages import _quantize  # noqa: E402
+from urd.export import add_int8_graph  # noqa: E402
 from urd.checkpoint import load_model  # noqa: E402
 from urd.config import load_params  # noqa: E402
 from urd.data.manifest import read_manifest  # noqa: E402
@@ -61,7 +61,7 @@ def main() -> None:
             bundle = Path(tmp) / category
             shutil.copytree(args.run_dir / "bundles" / category, bundle)
             start = time.perf_counter()
-            _quantize(bundle, manifest, size)
+            add_int8_graph(bundle, manifest, size)
             quantise_seconds = time.perf_counter() - start
             parity = json.loads((bundle / METADATA_FILE).read_text())["int8"]["parity_on_test"]
             fp32, int8 = OnnxBundle(bundle), OnnxBundle(bundle, precision="int8")

@@ -30,7 +30,7 @@ from urd.data.manifest import build_manifest  # noqa: E402
 from urd.data.synthesis import AnomalySynthesizer  # noqa: E402
 from urd.data.textures import procedural_textures  # noqa: E402
 from urd.data.torch_data import TrainDataset, train_batches, to_unit  # noqa: E402
-from urd.model import URD  # noqa: E402
+from urd.checkpoint import build_model  # noqa: E402
 from urd.train import make_optimizers, train_step  # noqa: E402
 
 
@@ -55,7 +55,7 @@ def main() -> None:
         loader_rate = n * batch / (time.perf_counter() - start)
 
         torch.manual_seed(0)
-        model = URD.from_params(params)
+        model = build_model(params)
         optimizers = make_optimizers(model, params.train)
         textures = torch.from_numpy(procedural_textures(size, 64)).permute(0, 3, 1, 2).contiguous()
         synth = AnomalySynthesizer(params.synthesis, textures)

@@ -52,6 +52,7 @@ from _timing import timings  # noqa: E402
 
 from urd.config import load_params  # noqa: E402
 from urd.data.manifest import ingest_category  # noqa: E402
+from urd.checkpoint import build_model  # noqa: E402
 from urd.model.urd import URD  # noqa: E402
 from urd.runtime import native_bf16  # noqa: E402
 from urd.train import make_optimizers, train_category, train_step  # noqa: E402
@@ -98,7 +99,7 @@ def batch_of(size: int, batch: int, channels_last: bool):
     return normal, anomalous, mask
 
 
-def known_teacher_features(model: URD, normal: torch.Tensor, precision: str) -> list[torch.Tensor]:
+def known_teacher_features(model: "URD", normal: torch.Tensor, precision: str) -> list[torch.Tensor]:
     """What urd.train.FrozenFeatureCache hands train_step once an image has been seen."""
     # Imported here: bench/train_loop_ab.py loads this file beside an earlier urd that lacks it.
     from urd.train import FrozenFeatureCache
@@ -117,7 +118,7 @@ def iteration_flops(params, cached: bool = False) -> int:
     """FLOPs of one train_step; ``cached``: with the frozen teacher's features of I_n known, as the
     loop runs after its first epoch when the expert is off."""
     torch.manual_seed(params.seed)
-    model = URD.from_params(params)
+    model = build_model(params)
     optimizers = make_optimizers(model, params.train)
     batch = batch_of(params.dataset.image_size, params.train.batch_size, False)
     known = known_teacher_features(model, batch[0], "fp32") if cached else None
@@ -134,7 +135,7 @@ def step_speeds(params, cases: list[tuple[str, bool, bool]], iterations: int, wa
     setups = []
     for precision, channels_last, cached in cases:
         torch.manual_seed(params.seed)
-        model = URD.from_params(params)
+        model = build_model(params)
         if channels_last:
             model = model.to(memory_format=torch.channels_last)
         optimizers = make_optimizers(model, params.train)

@@ -41,7 +41,7 @@ from urd.evaluate import HEADLINE, headline
 
 from . import tracking
 from .process import StageFailed
-from .stages import paths
+from .layout import paths
 from .workspace import GLOBAL_STAGES, changed_categories, data_pointers, dvc, git, merge_category, stage_category, stage_env, travel_problems
 
 LOCK_ARTIFACT = "dvc-lock"

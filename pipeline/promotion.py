@@ -38,7 +38,7 @@ from urd.config import Params, PromoteParams
 from . import tracking
 from .model_card import registered_name
 from .registry import CANDIDATE
-from .stages import paths
+from .layout import paths
 
 PRODUCTION = "production"
 UNMERGED = "pipeline.unmerged"  # tag: a fan-out child registered this version, the parent could not take its outputs

@@ -23,7 +23,8 @@ import yaml
 
 from urd.config import Params
 
-RUN_FILE = "mlflow_run.json"
+from .layout import paths
+
 DB_FILE = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 
@@ -110,7 +111,7 @@ def dvc_hashes(root: Path, params: Params, category: str) -> dict[str, str]:
         if dep.get("path", "").rstrip("/") == data_path:
             found["dvc_data_md5"] = dep.get("md5", "unknown")
     for out in stage.get("outs", []):
-        if out.get("path") == f"data/manifests/{category}.csv":
+        if out.get("path") == paths(category)["manifest"].as_posix():
             found["dvc_manifest_md5"] = out.get("md5", "unknown")
     return found
 

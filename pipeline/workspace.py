@@ -28,10 +28,9 @@ import yaml
 
 from urd.files import atomic_write_text
 
+from .layout import GLOBAL_STAGES
 from .process import StageFailed, run_logged
 
-# Per-category stages run on the orchestrating host before fan-out (and pushed), so children pull them.
-GLOBAL_STAGES = ("demo_data", "textures")
 # DVC's advice to a person at a terminal (git add dvc.lock, autostage, dvc push): not for a flow's log.
 DVC_HINTS = re.compile(r"^\s*(To track the changes with git|git add |To enable auto staging|dvc config core\.autostage|Use `dvc push`)")
 LOCK_HELD = re.compile(r"Unable to acquire lock|is locked by|is busy|lock is held|Lock file .* exists", re.IGNORECASE)

@@ -93,6 +93,7 @@ def tiny_widget_project(tmp: Path) -> Path:
     generate_demo(tmp / "demo", DemoSpec(size=64, train=8, test_good=3, test_per_defect=2))
     params = {
         "dataset": {"root": str(tmp / "demo"), "image_size": 64, "val_fraction": 0.25, "min_train_images": 2},
+        "model": {"backbone": "resnet18", "weights": "none"},  # small, and the random-backbone path and its warnings
         "train": {"iterations": 3, "batch_size": 2, "checkpoint_every": 3, "log_every": 1, "num_workers": 0},
         "synthesis": {"foreground": {"widget": "otsu"}},
         "evaluate": {"gallery_size": 2},

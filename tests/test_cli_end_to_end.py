@@ -16,6 +16,11 @@ from .layouts_fixtures import tiny_widget_project
 runner = CliRunner()
 
 
+def _said(result) -> str:
+    """What the command printed, with rich's line wrapping undone."""
+    return " ".join(result.output.split())
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cli")
@@ -26,8 +31,10 @@ def trained(tmp_path_factory):
 
 
 def test_train_writes_the_model_folder(trained):
-    for name in ("model.safetensors", "model.json", "manifest.csv", "training.json", "checkpoints/last.pt"):
+    for name in ("model.safetensors", "model.json", "manifest.csv", "training.json", "validation/summary.json"):
         assert (trained / "model" / name).is_file(), name
+    # the checkpoint only serves an interrupted run: a finished one leaves none to "resume"
+    assert not (trained / "model" / "checkpoints").exists()
     from urd.runtime import resolve_precision
 
     summary = json.loads((trained / "model" / "training.json").read_text())
@@ -35,7 +42,7 @@ def test_train_writes_the_model_folder(trained):
     assert summary["precision_requested"] == "auto" and summary["precision"] == resolve_precision("auto", torch.device("cpu"))
     assert json.loads((trained / "model" / "model.json").read_text())["training"]["precision"] == summary["precision"]
     again = runner.invoke(app, ["train", "--category", "widget", "--params", str(trained / "params.yaml"), "--out", str(trained / "model")])
-    assert again.exit_code == 2 and "--resume" in again.output
+    assert again.exit_code == 0 and "trained on these images with these params: training skipped" in _said(again)
 
 
 def test_calibrate_evaluate_predict(trained):
@@ -100,13 +107,44 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     assert result.exit_code == 2 and "not a trained urd model folder" in result.output
 
 
-def test_run_does_the_whole_job_and_is_resumable(trained):
+def test_run_does_the_whole_job_and_retrains_only_what_changed(tmp_path):
+    trained = tmp_path
+    tiny_widget_project(trained)
     args = ["run", "--params", str(trained / "params.yaml"), "--category", "widget",
             "--models", str(trained / "models"), "--reports", str(trained / "reports")]
     result = runner.invoke(app, args)
     assert result.exit_code == 0, result.output
+    assert "training widget:" in _said(result) and "holds no trained model yet" in _said(result)
     assert (trained / "models" / "widget" / "calibration.json").is_file()
     assert json.loads((trained / "reports" / "widget" / "metrics.json").read_text())["at_calibrated_threshold"]
     assert "widget" in result.output and "I-AUROC" in result.output
-    again = runner.invoke(app, args)  # a second run resumes at the end instead of failing
+    weights = (trained / "models" / "widget" / "model.safetensors").read_bytes()
+
+    again = runner.invoke(app, args)  # nothing changed: the model is kept, calibration and evaluation rerun
     assert again.exit_code == 0, again.output
+    assert "training skipped" in _said(again)
+    assert (trained / "models" / "widget" / "model.safetensors").read_bytes() == weights
+
+    # One training image changes between two runs: the second lists the files afresh and retrains, saying why.
+    manifest = pd.read_csv(trained / "models" / "widget" / "manifest.csv")
+    edited = manifest.loc[manifest["split"] == "train", "path"].iloc[0]
+    image = cv2.imread(edited)
+    cv2.imwrite(edited, np.ascontiguousarray(image[:, ::-1]))
+    changed = runner.invoke(app, args)
+    assert changed.exit_code == 0, changed.output
+    assert "retraining widget: its training images changed" in _said(changed)
+    assert (trained / "models" / "widget" / "model.safetensors").read_bytes() != weights
+    after = pd.read_csv(trained / "models" / "widget" / "manifest.csv")
+    assert after.loc[after["path"] == edited, "sha256"].iloc[0] != manifest.loc[manifest["path"] == edited, "sha256"].iloc[0]
+
+
+def test_run_refuses_data_that_fails_the_gate(tmp_path):
+    params = tiny_widget_project(tmp_path)
+    bad = next((tmp_path / "demo" / "widget" / "train" / "good").iterdir())
+    bad.write_bytes(bad.read_bytes()[:100])  # truncated
+    result = runner.invoke(app, ["run", "--params", str(params), "--category", "widget", "--models", str(tmp_path / "models"),
+                                 "--reports", str(tmp_path / "reports")])
+    assert result.exit_code == 2
+    assert "check_readable" in _said(result) and bad.name in _said(result)
+    assert not (tmp_path / "models" / "widget" / "model.safetensors").exists()
+    assert (tmp_path / "models" / "widget" / "validation" / "summary.json").is_file()

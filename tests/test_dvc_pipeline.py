@@ -45,7 +45,7 @@ def _ran(output: str) -> set[str]:
 @pytest.mark.slow
 def test_dvc_reruns_exactly_what_changed(tmp_path):
     files = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
-    for f in files + ["dvc.yaml", "pipeline/stages.py", "pipeline/__main__.py"]:
+    for f in files + ["dvc.yaml", "pipeline/stages.py", "pipeline/cli.py", "pipeline/layout.py", "pipeline/__main__.py"]:
         if (REPO / f).is_file():
             (tmp_path / f).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / f, tmp_path / f)
@@ -71,6 +71,13 @@ def test_dvc_reruns_exactly_what_changed(tmp_path):
     assert client.get_model_version_by_alias("urd-demo-widget", "candidate").run_id == first_run
 
     assert _ran(_dvc(tmp_path, "repro")) == set()  # nothing changed -> nothing runs
+
+    # A docstring edit in the scoring loop or the CLI retrains nothing (scoring reruns what scores).
+    for name in ("urd/scoring.py", "urd/cli.py", "pipeline/cli.py"):
+        source = tmp_path / name
+        source.write_text(source.read_text().replace('"""', '"""Edited. ', 1))
+    ran = _ran(_dvc(tmp_path, "repro"))
+    assert {"calibrate@tiles", "evaluate@widget"} <= ran and not any(s.startswith(("train@", "prepare@", "ingest@")) for s in ran), ran
 
     image = tmp_path / "data/raw/demo/widget/train/good/000.png"
     pixels = cv2.imread(str(image))

@@ -4,10 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from urd.checkpoint import load_model, model_meta, save_model
+from urd.checkpoint import build_model, load_model, model_meta, save_model
 from urd.config import parse_params
 from urd.export import METADATA_FILE, OnnxBundle, export_bundle
-from urd.model import URD
 
 
 @pytest.fixture(scope="module", params=[("resnet18", 1), ("efficientnet_lite0", 2)], ids=["resnet18", "lite0-width2"])
@@ -15,9 +14,10 @@ def bundle(tmp_path_factory, request):
     """resnet18 as RD builds it; lite0 with a student twice as wide (output heads, width read back from model.json)."""
     tmp = tmp_path_factory.mktemp("export")
     backbone, width = request.param
-    params = parse_params({"dataset": {"image_size": 64}, "model": {"backbone": backbone, "student_width": width}})
+    weights = "imagenet" if backbone == "efficientnet_lite0" else "none"  # ResNet weights come from the hub: not here
+    params = parse_params({"dataset": {"image_size": 64}, "model": {"backbone": backbone, "weights": weights, "student_width": width}})
     torch.manual_seed(0)
-    model = URD.from_params(params)
+    model = build_model(params)
     for p in model.student.parameters():  # non-trivial student so maps are not constant
         p.data.add_(0.01 * torch.randn_like(p))
     save_model(model, model_meta(params, "widget"), tmp / "model")
@@ -46,7 +46,7 @@ def test_metadata_holds_what_a_user_needs(bundle):
     mean = [0.485, 0.456, 0.406] if meta["architecture"]["backbone"] == "resnet18" else [127 / 255] * 3
     assert meta["preprocessing"]["image_size"] == 64 and meta["preprocessing"]["mean"] == mean and meta["preprocessing"]["normalisation"] == "in the model"
     assert meta["thresholds"]["image_threshold"] == 0.4 and meta["lineage"]["git_commit"] == "abc"
-    assert meta["architecture"]["backbone"] in ("resnet18", "efficientnet_lite0") and meta["weights_source"] == "none"
+    assert meta["architecture"]["backbone"] in ("resnet18", "efficientnet_lite0") and meta["weights_source"] == ("imagenet" if meta["architecture"]["backbone"] == "efficientnet_lite0" else "none")
 
 
 def test_export_refuses_to_overwrite(bundle):

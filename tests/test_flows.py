@@ -22,7 +22,7 @@ import yaml
 
 from pipeline.flows import require_server, stages_ran
 from pipeline.process import StageFailed, failure_summary, run_logged
-from pipeline.stages import STAGE_PARAMS, stage_params
+from pipeline.layout import STAGE_PARAMS, stage_params
 from urd.config import Params, RetrainParams, parse_params
 
 REPO = Path(__file__).resolve().parents[1]

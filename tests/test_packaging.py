@@ -148,7 +148,7 @@ def test_lineage_reads_dvc_hashes_from_the_lock_file(tmp_path):
     (tmp_path / "dvc.lock").write_text(yaml.safe_dump(lock))
     tags = tracking.lineage_tags(parse_params({}), "widget", tmp_path)
     assert tags["dvc_data_md5"] == "abc.dir" and tags["dvc_manifest_md5"] == "def"
-    assert tags["dataset"] == "demo" and tags["weights_source"] == "none" and tags["git_commit"] == "unknown"
+    assert tags["dataset"] == "demo" and tags["weights_source"] == "imagenet" and tags["git_commit"] == "unknown"
     assert tracking.lineage_tags(parse_params({}), "tiles", tmp_path)["dvc_data_md5"] == "unknown"
 
 
@@ -287,13 +287,13 @@ def test_threshold_resolution_caveat_only_when_the_val_split_cannot_resolve_the_
 
 
 def test_int8_bundle_records_its_parity_and_the_card_shows_it(packaged, tmp_path):
-    from pipeline.stages import _quantize
+    from urd.export import add_int8_graph
     from urd.inference import Predictor
 
     bundle = tmp_path / "bundle"
     shutil.copytree(packaged / "bundle", bundle)
     manifest = build_manifest("demo", packaged / "demo", "widget", 0.25)
-    _quantize(bundle, manifest, 64)
+    add_int8_graph(bundle, manifest, 64)
     meta = json.loads((bundle / METADATA_FILE).read_text())
     q = meta["int8"]
     assert meta["files"]["onnx_int8"] == "model.int8.onnx" and (bundle / "model.int8.onnx").is_file()

@@ -187,7 +187,7 @@ def test_two_gates_at_once_are_serialised(factory):
 
 
 def test_rollback_restores_the_previous_production_and_refuses_the_rolled_back_version(factory, capsys):
-    from pipeline.stages import main
+    from pipeline.cli import main
 
     for version in ("1", "2"):
         promote(_params(factory), "widget", factory, version=version)
@@ -219,7 +219,7 @@ def test_rollback_restores_the_previous_production_and_refuses_the_rolled_back_v
 
 
 def test_the_gate_names_a_missing_candidate_and_refuses_a_shared_store_without_a_prefect_lock(factory, monkeypatch, capsys):
-    from pipeline.stages import main
+    from pipeline.cli import main
 
     assert main(["promote", "--category", "widget", "--version", "9"]) == 1
     assert "no version 9" in capsys.readouterr().err

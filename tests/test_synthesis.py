@@ -64,11 +64,13 @@ def test_same_seed_same_batch_and_different_seed_differs():
     assert not torch.equal(a[1], c[1])
 
 
-def test_empty_mask_probability_one_gives_clean_pairs():
-    synth = AnomalySynthesizer(SynthesisParams(empty_mask_probability=1.0), _textures(), seed=0)
-    images = _images(3)
+def test_every_sample_carries_an_anomaly_and_is_unchanged_outside_it():
+    synth = AnomalySynthesizer(SynthesisParams(), _textures(), seed=0)
+    images = _images(6)
     anomalous, mask = synth(images)
-    assert mask.sum() == 0 and torch.equal(anomalous, images)
+    assert (mask.flatten(1).sum(1) > 0).all()  # empty masks are drawn again
+    outside = mask.expand_as(images) == 0
+    assert torch.equal(anomalous[outside], images[outside])
 
 
 def test_perlin_matches_a_per_pixel_reference():

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from pipeline.validation import DataValidationError, run_gate, validate
+from urd.data.validation import DataValidationError, run_gate, validate
 from urd.config import DatasetParams
 from urd.data.manifest import build_manifest
 

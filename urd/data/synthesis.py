@@ -8,8 +8,7 @@ For a batch of normal images I_n in [0, 1] (B x 3 x H x W) on any device:
 3. I_a = (1 - M) * I_n + (1 - beta) * (M * I_n) + beta * (M * I_t)          (eq. 7)
    with I_t a random texture image and beta ~ U(beta_range) per sample.
 
-Samples whose mask came out empty are drawn again, so every sample carries an anomaly unless
-``empty_mask_probability`` asks for some anomaly-free pairs. Everything runs as tensor ops over
+Samples whose mask came out empty are drawn again, so every sample carries an anomaly. Everything runs as tensor ops over
 the whole batch on the training device; nothing loops over samples in Python.
 """
 
@@ -138,9 +137,6 @@ class AnomalySynthesizer:
         images = images.to(self.device)
         b, _, h, w = images.shape
         mask = self.masks(b, (h, w), foreground)
-        if p.empty_mask_probability > 0:
-            keep = torch.rand(b, generator=self.generator, device=self.device) >= p.empty_mask_probability
-            mask = mask * keep.view(b, 1, 1, 1).to(mask.dtype)
         texture = self.texture_batch(b, (h, w)).to(images.dtype)
         beta = self._uniform(b, *p.beta_range).view(b, 1, 1, 1).to(images.dtype)
         # eq. (7) rearranged: I_a = I_n + beta * M * (I_t - I_n); where M = 0 this is exactly I_n.

@@ -23,6 +23,8 @@ from torch import Tensor, nn
 from torchvision import models
 from torchvision.models.resnet import BasicBlock, Bottleneck
 
+from ..config import BACKBONE_NAMES
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # EfficientNet-Lite (TF release): (pixel - 127) / 128 on 0..255, i.e. these on [0, 1]
@@ -64,8 +66,8 @@ class Encoder(nn.Module):
 class ResNetEncoder(Encoder):
     """ResNet stem + layer1..layer3 -> [B x C1 x H/4, B x C2 x H/8, B x C3 x H/16]."""
 
-    def __init__(self, resnet: models.ResNet) -> None:
-        super().__init__(IMAGENET_MEAN, IMAGENET_STD)
+    def __init__(self, resnet: models.ResNet, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__(mean, std)
         self.conv1 = resnet.conv1
         self.bn1 = resnet.bn1
         self.relu = resnet.relu
@@ -114,8 +116,8 @@ class EfficientNetEncoder(Encoder):
 
     taps = (1, 2, 4)
 
-    def __init__(self, net: nn.Module) -> None:
-        super().__init__(LITE_MEAN, LITE_STD)
+    def __init__(self, net: nn.Module, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__(mean, std)
         self.conv_stem = net.conv_stem
         self.bn1 = net.bn1  # BatchNorm + ReLU6
         self.blocks = nn.Sequential(*list(net.blocks)[: self.taps[-1] + 1])
@@ -133,14 +135,14 @@ class EfficientNetEncoder(Encoder):
         return out
 
 
-def _resnet(builder: Callable[..., models.ResNet]) -> Callable[[], Encoder]:
-    return lambda: ResNetEncoder(builder(weights=None))
+def _resnet(builder: Callable[..., models.ResNet]) -> Callable[..., Encoder]:
+    return lambda mean, std: ResNetEncoder(builder(weights=None), mean, std)
 
 
-def _efficientnet_lite0() -> Encoder:
+def _efficientnet_lite0(mean: tuple[float, ...], std: tuple[float, ...]) -> Encoder:
     import timm  # imported here: only this backbone needs it
 
-    return EfficientNetEncoder(timm.create_model("tf_efficientnet_lite0", pretrained=False))
+    return EfficientNetEncoder(timm.create_model("tf_efficientnet_lite0", pretrained=False), mean, std)
 
 
 def packaged_lite0_state_dict() -> dict[str, Tensor]:
@@ -167,7 +169,11 @@ def packaged_lite0_state_dict() -> dict[str, Tensor]:
 
 @dataclass(frozen=True)
 class BackboneSpec:
-    make: Callable[[], Encoder]  # the architecture, randomly initialised
+    """Everything urd knows about one backbone, in one place (as torchvision's weight enums carry
+    transforms and meta together): how to build it, its weights, the student that mirrors it and
+    the input normalisation it was trained with."""
+
+    make: Callable[[tuple[float, ...], tuple[float, ...]], Encoder]  # (mean, std) -> the architecture, randomly initialised
     imagenet: Callable[[], dict[str, Tensor]]  # its ImageNet weights (a superset of the encoder's keys)
     block: type[BasicBlock] | type[Bottleneck]  # block type of the student's OCBE and decoder
     widths: tuple[int, int, int]  # channels of F^1, F^2, F^3
@@ -192,6 +198,8 @@ BACKBONES: dict[str, BackboneSpec] = {
     "efficientnet_lite0": BackboneSpec(_efficientnet_lite0, packaged_lite0_state_dict, BasicBlock, (24, 40, 112), (2, 2, 2), 64,
                                        True, LITE_MEAN, LITE_STD),
 }
+if set(BACKBONES) != set(BACKBONE_NAMES):  # the schema lists the names so that reading params needs no torch
+    raise ImportError(f"urd.config.BACKBONE_NAMES {BACKBONE_NAMES} and urd.model.backbone.BACKBONES {tuple(BACKBONES)} disagree")
 TORCHVISION_WEIGHTS = {
     "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
     "resnet34": models.ResNet34_Weights.IMAGENET1K_V1,
@@ -279,7 +287,7 @@ def build_encoder(name: str, weights: str = "none") -> Encoder:
     are ignored) or of the encoder alone; every encoder key must be present with the right shape.
     """
     spec = backbone_spec(name)
-    encoder = spec.make()
+    encoder = spec.make(spec.mean, spec.std)
     if weights == "imagenet":
         state = spec.imagenet()
     elif weights == "none":

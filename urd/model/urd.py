@@ -12,7 +12,6 @@ from typing import Iterator
 
 from torch import Tensor, nn
 
-from ..config import Params
 from .anomaly_map import AnomalyMap, image_score
 from .backbone import Encoder, backbone_spec, build_encoder, estimate_batchnorm_statistics
 from .bottleneck import OCBE
@@ -89,11 +88,6 @@ class URD(InferenceGraph):
             self.expert = copy.deepcopy(teacher).requires_grad_(False).eval()
         else:
             self.teacher.requires_grad_(False)
-
-    @classmethod
-    def from_params(cls, params: Params) -> URD:
-        m = params.model
-        return cls(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma, m.teacher_batchnorm, m.student_width)
 
     @property
     def teacher_trainable(self) -> bool:

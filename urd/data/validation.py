@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from urd.config import DatasetParams
+from ..config import DatasetParams
 
 # rule -> (what it checks, how to fix it)
 RULES: dict[str, tuple[str, str]] = {
