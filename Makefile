@@ -25,4 +25,4 @@ test-slow: $(VENV)/.installed
 	$(PY) -m pytest -m slow; rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 bench: $(VENV)/.installed
-	$(PY) bench/model_inference.py
+	$(PY) -m bench.model_inference

@@ -3,7 +3,7 @@ precision: eager PyTorch fp32 and bf16 autocast (channels_last, as urd.inference
 model folder), and the bundle's graphs in ONNX Runtime, fp32 (model.onnx) and int8
 (model.int8.onnx, package.quantize: int8); batch 1 and 8.
 
-    python bench/bundle_latency.py [--repeats 20] [--sizes 96 256]
+    python -m bench.bundle_latency [--repeats 20] [--sizes 96 256]
 
 Weights are the backbone's own and an untrained student (speed does not depend on the values);
 the int8 graph is calibrated on random images for the same reason (its accuracy is measured on
@@ -17,7 +17,6 @@ import argparse
 import io
 import json
 import statistics
-import sys
 import tempfile
 from pathlib import Path
 
@@ -26,14 +25,13 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
-from _timing import timings  # noqa: E402
+from bench.machine import RESULTS, machine
+from bench.timing import timings
 
-from urd.checkpoint import build_model, load_model, model_meta, save_model  # noqa: E402
-from urd.config import load_params  # noqa: E402
-from urd.export import OnnxBundle, export_bundle, quantize_bundle  # noqa: E402
-from urd.runtime import native_bf16  # noqa: E402
+from urd.checkpoint import build_model, load_model, model_meta, save_model
+from urd.config import load_params
+from urd.export import OnnxBundle, export_bundle, quantize_bundle
+from urd.runtime import native_bf16
 
 
 def median_seconds(fn, repeats: int) -> float:
@@ -86,7 +84,7 @@ def main() -> None:
     Console(width=120).print(table)
     plain = Console(file=io.StringIO(), width=120, color_system=None)
     plain.print(table)
-    out = Path(__file__).resolve().parent / "results" / "bundle_latency_cpu"
+    out = RESULTS / "bundle_latency_cpu"
     out.with_suffix(".json").write_text(json.dumps({"machine": m, "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     out.with_suffix(".md").write_text(f"# Inference latency ({m['cpu']}, {m['cores']} cores, flags: {m['cpu_flags']}, torch {m['torch']}, "
                                       f"onnxruntime {m.get('onnxruntime')}, commit {m['git_commit']})\n\n```\n"

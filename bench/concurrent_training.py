@@ -1,6 +1,6 @@
 """Two trainings at once against the same two one after the other, on this host.
 
-    python bench/concurrent_training.py [--iterations 150] [--category widget]
+    python -m bench.concurrent_training [--iterations 150] [--category widget]
 
 Each training is its own process (`urd train`-like: the library's train_category on the demo at
 params.yaml's settings, ``--iterations`` iterations). Three cases, each timed as the wall time for
@@ -29,8 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -54,7 +53,7 @@ def worker(out: str, iterations: int, category: str, data: str) -> None:
 def launch(tmp: Path, name: str, args, env: dict[str, str]) -> subprocess.Popen:
     out = tmp / name
     out.mkdir()
-    return subprocess.Popen([sys.executable, __file__, "--worker", str(out), "--iterations", str(args.iterations), "--category", args.category,
+    return subprocess.Popen([sys.executable, "-m", __spec__.name, "--worker", str(out), "--iterations", str(args.iterations), "--category", args.category,
                              "--data", args.data], env=env, cwd=ROOT)
 
 
@@ -109,7 +108,7 @@ def main() -> None:
         table.add_row(r["case"], ", ".join(f"{a}-{b}" for a, b in r["threads"]), f"{r['total_seconds']:.1f}", f"{r['vs_sequential']:.2f}x",
                       ", ".join(f"{s:.1f}" for s in r["train_seconds"]))
     Console(width=130).print(table)
-    out = ROOT / "bench/results/concurrent_training_cpu.json"
+    out = RESULTS / "concurrent_training_cpu.json"
     out.write_text(json.dumps({"machine": machine(), "iterations": args.iterations, "category": args.category, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")
 

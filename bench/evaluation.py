@@ -1,6 +1,6 @@
 """Time of the full metric set on a category-sized test split (~150 images at 256^2).
 
-    python bench/evaluation.py [--images 150] [--size 256]
+    python -m bench.evaluation [--images 150] [--size 256]
 
 urd.metrics (one shared sort; AUPRO with a partial sort) against scikit-learn-only code computing
 the same numbers (roc_auc_score, average_precision_score, precision_recall_curve for F1-max, each
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 from rich.console import Console
@@ -22,10 +20,9 @@ from rich.table import Table
 from scipy import ndimage
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
-from urd.metrics import aupro, integrate_up_to, pixel_metrics  # noqa: E402
+from urd.metrics import aupro, integrate_up_to, pixel_metrics
 
 
 def reference_aupro(maps: np.ndarray, masks: np.ndarray, limit: float = 0.3) -> float:
@@ -90,7 +87,7 @@ def main() -> None:
     table.add_row("urd.metrics.aupro alone", f"{t_aupro:.2f}")
     table.add_row("largest difference between the two", f"{diff:.1e}")
     Console(width=120).print(table)
-    out = Path(__file__).resolve().parent / "results" / "evaluation_cpu.json"
+    out = RESULTS / "evaluation_cpu.json"
     out.write_text(json.dumps({"machine": machine(), "images": n, "size": s, "seconds_urd": t_ours, "seconds_sklearn_only": t_ref,
                                "seconds_aupro_alone": t_aupro, "max_abs_difference": diff, "metrics": ours}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,6 +1,6 @@
 """int8 bundles (package.quantize: int8) against fp32: parity on each category's test split and latency.
 
-    python bench/int8_bundle.py --run-dir DIR [--repeats 20]
+    python -m bench.int8_bundle --run-dir DIR [--repeats 20]
 
 DIR is a repository copy in which `dvc repro` (or `make demo`) ran. For each category the packaged
 bundle is copied, quantised as the package stage does (ONNX Runtime static QDQ of the network's
@@ -16,7 +16,6 @@ import argparse
 import json
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -24,15 +23,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
-from _timing import timings  # noqa: E402
+from bench.machine import RESULTS, machine
+from bench.timing import timings
 
-from urd.export import add_int8_graph  # noqa: E402
-from urd.checkpoint import load_model  # noqa: E402
-from urd.config import load_params  # noqa: E402
-from urd.data.manifest import read_manifest  # noqa: E402
-from urd.export import METADATA_FILE, OnnxBundle  # noqa: E402
+from urd.export import add_int8_graph
+from urd.checkpoint import load_model
+from urd.config import load_params
+from urd.data.manifest import read_manifest
+from urd.export import METADATA_FILE, OnnxBundle
 
 
 def median_ms(fn, repeats: int) -> float:
@@ -87,7 +85,7 @@ def main() -> None:
                      + " / ".join(f"{r[f'{k}_b1_ms']:.1f}" for k in ("eager_torch", "onnx_fp32", "onnx_int8")) + " | "
                      + " / ".join(f"{r[f'{k}_b8_ms']:.1f}" for k in ("eager_torch", "onnx_fp32", "onnx_int8")) + " |")
     print("\n".join(lines))
-    out = Path(__file__).resolve().parent / "results"
+    out = RESULTS
     (out / "int8_bundle_cpu.json").write_text(json.dumps({"machine": machine(), "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     (out / "int8_bundle_cpu.md").write_text("\n".join(lines) + "\n")
 

@@ -1,6 +1,6 @@
 """Parameter counts and inference time per image of the URD inference graph (teacher -> student -> map).
 
-    python bench/model_inference.py [--device cpu|cuda] [--repeats 5]
+    python -m bench.model_inference [--device cpu|cuda] [--repeats 5]
 
 Prints a table and writes bench/results/model_inference_<device>.json.
 """
@@ -10,18 +10,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
-from urd.model import URD  # noqa: E402
+from urd.model import URD
 
 CASES = [("resnet18", 128), ("wide_resnet50_2", 256)]
 
@@ -79,7 +76,7 @@ def main() -> None:
             f"{r['params_student']:,}", f"{r['ms_per_image_batch1']:.1f}", f"{r['ms_per_image_batch8']:.1f}",
         )
     Console(width=150).print(table)
-    out = Path(__file__).resolve().parent / "results" / f"model_inference_{args.device}.json"
+    out = RESULTS / f"model_inference_{args.device}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps({"machine": machine(), "repeats": args.repeats, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

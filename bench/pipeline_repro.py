@@ -1,7 +1,7 @@
 """Wall time of a cold `dvc repro` of the demo (from a fresh copy of the repository: demo data,
 every category's stages, MLflow tracking and registration) and of the no-op `dvc repro` after it.
 
-    python bench/pipeline_repro.py [--keep DIR]
+    python -m bench.pipeline_repro [--keep DIR]
 
 Runs in a temporary copy of the git-tracked files with the committed params.yaml, so nothing in
 this checkout changes. Writes bench/results/pipeline_repro_cpu.json with the per-stage times.
@@ -23,8 +23,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -88,7 +87,7 @@ def main() -> None:
     result = {"machine": machine(), "cold_seconds": cold, "noop_seconds": noop, "noop_stages_run": [s for s, _ in rerun],
               "stages": [{"stage": s, "seconds": t} for s, t in stages],
               "test_metrics": {c: {k: m[k] for k in ("image_auroc", "pixel_auroc", "pixel_aupro")} for c, m in metrics.items()}}
-    out = REPO / "bench" / "results" / "pipeline_repro_cpu.json"
+    out = RESULTS / "pipeline_repro_cpu.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -2,7 +2,7 @@
 start-up, then the `retrain` flow against `dvc repro` + `python -m pipeline promote` per category,
 on a tiny real run (2 categories, 64 px, 2 iterations) and on a no-op run (nothing changed).
 
-    python bench/prefect_overhead.py
+    python -m bench.prefect_overhead
 
 Runs in two temporary copies of the repository (one per side), a Prefect server with a temporary
 PREFECT_HOME on a free loopback port, and local SQLite MLflow stores; everything is removed and
@@ -27,8 +27,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
 REPO = Path(__file__).resolve().parents[1]
 CATEGORIES = ["tiles", "widget"]
@@ -130,7 +129,7 @@ def main() -> None:
     Console().print(table)
     info = machine()
     result = {"machine": info, "server_startup_seconds": startup, "runs": rows, "params": TINY}
-    out = REPO / "bench" / "results" / "prefect_overhead_cpu.json"
+    out = RESULTS / "prefect_overhead_cpu.json"
     out.write_text(json.dumps(result, indent=2) + "\n")
     out.with_suffix(".md").write_text("\n".join(md) + f"\n\nMachine: {info['cpu']}, {info['cores']} cores; {info.get('cpu_flags', '')}\n")
     print(f"wrote {out}")

@@ -1,9 +1,9 @@
 """The quality bar of the embedded default, every number with a bootstrap interval.
 
-    python bench/quality_bar.py --run-dir DIR [--resamples 1000] [--pixel-resamples 200]
+    python -m bench.quality_bar --run-dir DIR [--resamples 1000] [--pixel-resamples 200]
 
 DIR is a repository copy in which `dvc repro` (or `make demo`) ran, e.g. the folder
-`python bench/pipeline_repro.py --keep DIR` leaves. Each category's packaged bundle scores its
+`python -m bench.pipeline_repro --keep DIR` leaves. Each category's packaged bundle scores its
 test split (the reported split; nothing is chosen from it), and image AUROC, pixel AUROC and AUPRO
 get 95% percentile-bootstrap intervals with *images* resampled (a defect image brings all its
 pixels, as in the image-level interval of the reports). The pixel metrics are costly per resample,
@@ -14,19 +14,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
-from int8_bundle import run_manifest  # noqa: E402
+from bench.machine import RESULTS, machine
+from bench.int8_bundle import run_manifest
 
-from urd.config import load_params  # noqa: E402
-from urd.inference import Predictor  # noqa: E402
-from urd.metrics import image_metrics, pixel_metrics  # noqa: E402
+from urd.config import load_params
+from urd.inference import Predictor
+from urd.metrics import image_metrics, pixel_metrics
 
 BAR = {"image_auroc": 0.95, "pixel_auroc": 0.97, "pixel_aupro": 0.90}
 
@@ -71,7 +69,7 @@ def main() -> None:
         cells = [f"{100 * r[k]:.1f} [{100 * r[k + '_low']:.1f}, {100 * r[k + '_high']:.1f}]{'' if r[k + '_passes'] else ' (below)'}" for k in BAR]
         lines.append(f"| {r['category']} | " + " | ".join(cells) + " |")
     print("\n".join(lines))
-    out = Path(__file__).resolve().parent / "results"
+    out = RESULTS
     record = {"machine": machine(), "run_dir_params": params.model_dump(), "resamples": args.resamples, "pixel_resamples": args.pixel_resamples, "rows": rows}
     (out / "quality_bar_cpu.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / "quality_bar_cpu.md").write_text("\n".join(lines) + "\n")

@@ -1,6 +1,6 @@
 """Training-loop speed of this checkout against an earlier commit, same machine, same run.
 
-    python bench/train_loop_ab.py --before 47bb5fd [--iterations 30] [--warmup 5] [--rounds 2]
+    python -m bench.train_loop_ab --before 47bb5fd [--iterations 30] [--warmup 5] [--rounds 2]
                                   [--before-precisions fp32 [bf16]] [--name cpu]
 
 Checks the earlier commit out into a temporary git worktree and times the library's loop
@@ -29,13 +29,17 @@ from rich.table import Table
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-sys.path.insert(0, str(BENCH))
-from _machine import machine  # noqa: E402
 
 
 def worker(precision: str, iterations: int, warmup: int) -> dict:
-    """Runs inside the tree on PYTHONPATH: its urd, its params.yaml."""
-    from train_profile import loop_run, steady_state_warmup
+    """Runs inside the tree on PYTHONPATH: its urd, its params.yaml, and this checkout's measuring
+    code (bench/train_profile.py, loaded by path so that both sides are timed alike)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_profile_of_this_checkout", BENCH / "train_profile.py")
+    train_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train_profile)
+    loop_run, steady_state_warmup = train_profile.loop_run, train_profile.steady_state_warmup
 
     from urd.config import load_params
     from urd.data.manifest import ingest_category
@@ -69,6 +73,8 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.iterations, args.warmup)))
         return
+    from bench.machine import RESULTS, machine
+
     from urd.runtime import native_bf16
 
     after_precisions = ["fp32", "bf16"] if native_bf16(torch.device("cpu")) else ["fp32"]
@@ -83,8 +89,8 @@ def main() -> None:
             cases = [("before", tree, p) for p in args.before_precisions] + [("after", ROOT, p) for p in after_precisions]
             for _ in range(args.rounds):
                 for side, where, precision in cases:
-                    env = {**os.environ, "PYTHONPATH": f"{where}{os.pathsep}{BENCH}"}
-                    cmd = [sys.executable, __file__, "--before", args.before, "--iterations", str(args.iterations), "--warmup",
+                    env = {**os.environ, "PYTHONPATH": str(where)}
+                    cmd = [sys.executable, str(BENCH / "train_loop_ab.py"), "--before", args.before, "--iterations", str(args.iterations), "--warmup",
                            str(args.warmup), "--worker", precision, str(where)]
                     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=where, env=env)
                     runs.setdefault(f"{side} {precision}", []).append(json.loads(out.stdout.strip().splitlines()[-1]))
@@ -104,7 +110,7 @@ def main() -> None:
         table.add_row(r["case"], str(r["num_workers"]), f"{r['ms_per_iteration']:.0f}", f"{r['images_per_s']:.1f}",
                       f"{r['images_per_s'] / base:.2f}x", " ".join(f"{x:.0f}" for x in r["rounds_ms"]))
     Console(width=120).print(table)
-    out = BENCH / "results" / f"train_loop_ab_{args.name}.json"
+    out = RESULTS / f"train_loop_ab_{args.name}.json"
     out.write_text(json.dumps({"machine": machine(), "before": before_commit, "iterations": args.iterations, "warmup_at_least": args.warmup,
                                "rows": rows}, indent=2) + "\n")
     print(f"wrote {out}")

@@ -1,7 +1,7 @@
 """Where a training iteration's time goes at the demo settings, and how close it runs to this
 machine's roof.
 
-    python bench/train_profile.py [--iterations 30] [--warmup 5] [--precisions fp32 bf16] [--workers 0 1 2] [--rounds 2]
+    python -m bench.train_profile [--iterations 30] [--warmup 5] [--precisions fp32 bf16] [--workers 0 1 2] [--rounds 2]
 
 In one run, on one machine:
 
@@ -34,7 +34,6 @@ import contextlib
 import io
 import json
 import statistics
-import sys
 import tempfile
 import time
 import warnings
@@ -46,16 +45,13 @@ from rich.console import Console
 from rich.table import Table
 from torch.utils.flop_counter import FlopCounterMode
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
-from _timing import timings  # noqa: E402
 
-from urd.config import load_params  # noqa: E402
-from urd.data.manifest import ingest_category  # noqa: E402
-from urd.checkpoint import build_model  # noqa: E402
-from urd.model.urd import URD  # noqa: E402
-from urd.runtime import native_bf16  # noqa: E402
-from urd.train import make_optimizers, train_category, train_step  # noqa: E402
+from urd.config import load_params
+from urd.data.manifest import ingest_category
+from urd.checkpoint import build_model
+from urd.model.urd import URD
+from urd.runtime import native_bf16
+from urd.train import make_optimizers, train_category, train_step
 
 PHASES = ("data", "synthesis", "expert", "teacher_forward", "teacher_backward", "teacher_features", "student_forward",
           "student_backward", "optimizer")
@@ -66,6 +62,8 @@ def autocast(precision: str):
 
 
 def best_seconds(fn, repeats: int = 10) -> float:
+    from bench.timing import timings  # imported here: bench/train_loop_ab.py loads this file without the bench package
+
     return min(timings(fn, repeats))
 
 
@@ -184,6 +182,8 @@ def loop_run(params, category: str, manifest, precision: str, workers: int, iter
 
 
 def main() -> None:
+    from bench.machine import RESULTS, machine
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iterations", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -282,7 +282,7 @@ def main() -> None:
               "roofs_gflops": roof, "iteration_gflop": flops / 1e9, "step": step_rows, "loop": loop_rows,
               "profile": {"precision": default_precision, "num_workers": params.train.num_workers,
                           "ms_per_iteration": 1000 * profiled, "phases": phases}}
-    out = Path(__file__).resolve().parent / "results" / "train_profile_cpu"
+    out = RESULTS / "train_profile_cpu"
     out.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
     m = result["machine"]
     header = (f"# Training profile ({m['cpu']}, {m['cores']} cores, flags: {m['cpu_flags']}, torch {m['torch']}, "

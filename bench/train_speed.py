@@ -1,6 +1,6 @@
 """Training speed at the demo settings, fp32 and bf16 side by side.
 
-    python bench/train_speed.py [--iterations 6] [--train-to-end [--seeds 0 1]]
+    python -m bench.train_speed [--iterations 6] [--train-to-end [--seeds 0 1]]
 
 Each precision runs in its own process (so peak memory is its own): seconds per iteration of the
 whole run (warm-up and the final checkpoint included; bench/train_profile.py gives the steady-state
@@ -24,8 +24,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
 
 def worker(precision: str, iterations: int, train_to_end: bool, seeds: list[int]) -> dict:
@@ -72,7 +71,7 @@ def main() -> None:
         return
     rows = []
     for precision in ("fp32", "bf16"):
-        cmd = [sys.executable, __file__, "--worker", precision, "--iterations", str(args.iterations)] + (["--train-to-end", "--seeds", *map(str, args.seeds)] if args.train_to_end else [])
+        cmd = [sys.executable, "-m", __spec__.name, "--worker", precision, "--iterations", str(args.iterations)] + (["--train-to-end", "--seeds", *map(str, args.seeds)] if args.train_to_end else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     speedup = rows[1]["images_per_s"] / rows[0]["images_per_s"]
@@ -94,7 +93,7 @@ def main() -> None:
                 table.add_row(category, r["precision"], f"{m['image_auroc']:.4f}", f"{m['pixel_auroc']:.4f}", f"{m['pixel_aupro']:.4f}")
         Console(width=120).print(table)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(__file__).resolve().parent / "results" / f"train_speed_{device}.json"
+    out = RESULTS / f"train_speed_{device}.json"
     out.write_text(json.dumps({"machine": machine(), "rows": rows, "bf16_speedup": speedup}, indent=2) + "\n")
     print(f"wrote {out}")
 

@@ -1,5 +1,15 @@
+import json
+
 import pytest
 import torch
+from typer.testing import CliRunner
+
+from urd.cli import app
+from urd.export import export_bundle
+
+from .layouts_fixtures import tiny_widget_project
+
+runner = CliRunner()
 
 
 @pytest.fixture(autouse=True)
@@ -10,3 +20,27 @@ def _deterministic(monkeypatch):
     # a training) would change it mid-test, and results are bit-identical only at one count.
     monkeypatch.setenv("URD_THREADS", "2")
     yield
+
+
+# A tiny trained, calibrated, evaluated and exported widget model, shared by the tests of the
+# bundle, the model card, tracking and the registry.
+@pytest.fixture(scope="session")
+def packaged(tmp_path_factory):
+    """A tiny trained, calibrated, evaluated and exported widget model."""
+    tmp = tmp_path_factory.mktemp("packaging")
+    tiny_widget_project(tmp)
+    p, model = str(tmp / "params.yaml"), str(tmp / "model")
+    for args in (["train", "--category", "widget", "--out", model], ["calibrate", "--model", model], ["evaluate", "--model", model, "--out", str(tmp / "report")]):
+        result = runner.invoke(app, [*args, "--params", p])
+        assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp / "report" / "metrics.json").read_text())
+    export_bundle(tmp / "model", tmp / "bundle", metrics=metrics, lineage={"git_commit": "abc", "dvc_data_md5": "123.dir"})
+    return tmp
+
+
+@pytest.fixture()
+def mlflow_store(tmp_path, monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

@@ -108,3 +108,34 @@ def test_progress_off_a_terminal_prints_plain_lines_with_rate_and_eta():
     with Progress(10, "x", stream=silent, enabled=False) as bar:
         bar.update(1)
     assert silent.getvalue() == ""
+
+
+def test_precision_auto_is_bf16_only_where_the_hardware_runs_it(monkeypatch):
+    import torch
+
+    import urd.runtime as runtime
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "fma"})  # the EPYC that emulated bf16 at 0.07x fp32
+    assert runtime.resolve_precision("auto", cpu) == "fp32" and runtime.resolve_precision("bf16", cpu) == "bf16"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    assert runtime.resolve_precision("auto", cpu) == "bf16" and runtime.resolve_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: {"amx_bf16", "amx_tile"})
+    assert runtime.resolve_precision("auto", cpu) == "bf16"
+    assert isinstance(runtime.autocast_for(cpu, "auto")(), torch.autocast)
+    monkeypatch.setattr(runtime, "cpu_flags", lambda: set())
+    assert not isinstance(runtime.autocast_for(cpu, "auto")(), torch.autocast)
+
+
+def test_num_workers_auto_leaves_small_machines_the_cores(monkeypatch):
+    import urd.runtime as runtime
+    from urd.config import parse_params
+
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 2)
+    assert runtime.resolve_num_workers("auto") == 0  # 2 cores: the loop was fastest without workers
+    monkeypatch.setattr(runtime, "usable_cores", lambda: 16)
+    assert runtime.resolve_num_workers("auto") == 4 and runtime.resolve_num_workers(1) == 1
+    assert parse_params({}).train.num_workers == "auto" and parse_params({"train": {"num_workers": 3}}).train.num_workers == 3
+    for bad in (-1, "many"):
+        with pytest.raises(ValueError, match="num_workers"):
+            parse_params({"train": {"num_workers": bad}})

@@ -118,9 +118,8 @@ def quantize_bundle(bundle_dir: str | Path, calibration_images: np.ndarray, batc
     (QDQ, int8 per-channel weights, uint8 activations with min-max ranges) of the *student's*
     convolutions, calibrated on ``calibration_images`` (RGB in [0, 1]; the val normals, never the
     test split). The teacher and the anomaly map (cosines, upsampling, blur) stay fp32: the teacher's
-    features go straight into the cosine distances, and with them quantised too (Lite0's depthwise
-    convs) the demo widget's image-score Spearman with fp32 fell to 0.84 and its image AUROC by 7
-    points, against 0.999 and 0.001 with the student alone (bench/results/int8_bundle_cpu.md)."""
+    features go straight into the cosine distances, and quantising them too broke the ranking of
+    the scores (bench/results/int8_bundle_cpu.md)."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 

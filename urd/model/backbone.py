@@ -86,10 +86,9 @@ class ResNetEncoder(Encoder):
 
 class _TrainedInFp32OnCpu:
     """Mixin for a depthwise convolution: while its weights are being trained on a CPU under bf16
-    autocast, it computes in fp32. oneDNN's bf16 depthwise backward is slow: with the expert on
-    (the teacher learns), Lite0's depthwise convs took 50-85 ms of a training step in bf16 and
-    14-21 ms in fp32, which made the whole bf16 step slower than fp32 (bench/README.md, Speed).
-    Without gradient (a frozen teacher, the expert, inference) nothing changes."""
+    autocast, it computes in fp32, because oneDNN's bf16 depthwise backward is slow enough to make
+    the whole bf16 step slower than fp32 when the teacher learns (bench/README.md, Speed). Without
+    gradient (a frozen teacher, the expert, inference) nothing changes."""
 
     def forward(self, x: Tensor) -> Tensor:
         if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and torch.is_grad_enabled() and self.weight.requires_grad:

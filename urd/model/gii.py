@@ -15,8 +15,8 @@ Every conv, the Conv1x1 of step 1 included, is a conv (no bias) + BatchNorm + Re
 paper does not spell the blocks out, and the authors' release builds all of GII's convs this way.
 It matters twice. Step 4 mixes F_Fuse and F_S^{i+1} with per-pixel weights, which is only a blend
 of like-scaled features when F_Fuse is normalised as F_S is (it leaves a decoder BN-ReLU); with
-plain convs the mix turned into a Sim-dependent gain on the injected feature and collapsed the
-random-backbone demo's image AUROC from 0.85 to 0.50 (bench/README.md). And a bare 1x1 conv in
+plain convs the mix turns into a Sim-dependent gain on the injected feature, which ruined the
+demo's image AUROC (bench/README.md). And a bare 1x1 conv in
 step 1 followed by step 2's conv collapses into one linear map, adding F_T^i' to F_T^{i+1} on
 unrelated scales.
 """

@@ -24,7 +24,7 @@ class Student(nn.Module):
     ``width`` scales the embedding and the decoder stages; output heads map them back to the
     teacher's widths (also added for backbones whose features are signed, see urd/model/decoder.py).
     Every Conv2d starts from ``xavier_normal_`` weights, as in the authors' release (the paper is
-    silent; PyTorch's default init gives weights with a 1.7-2.1x smaller std here)."""
+    silent; PyTorch's default init gives weights with a smaller std)."""
 
     def __init__(self, backbone: str, gii: str = "gii", width: int = 1) -> None:
         super().__init__()

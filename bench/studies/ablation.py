@@ -1,6 +1,6 @@
 """Table 5 of the paper on the demo: Expert on/off x GII off/on, at the demo settings, over seeds.
 
-    python bench/ablation.py [--iterations N] [--categories tiles widget] [--seeds 0 1] [--name lite0]
+    python -m bench.studies.ablation [--iterations N] [--categories tiles widget] [--seeds 0 1] [--name lite0]
 
 Expert off = plain RD (frozen teacher, no synthetic anomalies); expert on = RD-E. GII off =
 plain RD decoder (`none`), on = Algorithm 1 (`gii`); `--with-skip` adds the "+SC" row of Table 7.
@@ -15,20 +15,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
-from urd.config import load_params  # noqa: E402
-from urd.data.manifest import ingest_category  # noqa: E402
-from urd.evaluate import evaluate_model  # noqa: E402
-from urd.train import train_category  # noqa: E402
+from urd.config import load_params
+from urd.data.manifest import ingest_category
+from urd.evaluate import evaluate_model
+from urd.train import train_category
 
 METRICS = ("image_auroc", "image_ap", "pixel_auroc", "pixel_ap", "pixel_aupro")
 
@@ -92,7 +90,7 @@ def write_results(rows: list[dict], base, categories: list[str], variants: list[
         values = [f"{100 * r[k]:.1f} ± {100 * r[k + '_sd']:.1f}" if len(complete) > 1 else f"{100 * r[k]:.1f}" for k in METRICS]
         lines.append(f"| {r['category']} | {r['variant']} | " + " | ".join(values) + " |")
     print("\n".join(lines))
-    out = Path(__file__).resolve().parent / "results"
+    out = RESULTS
     record = {"machine": machine(), "params": base.model_dump(), "complete_seeds": complete, "rows": rows, "summary": summary_rows}
     (out / f"ablation_{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"ablation_{name}.md").write_text("\n".join(lines) + "\n")

@@ -14,10 +14,10 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from _machine import machine
+from bench.machine import RESULTS, machine
 
 METRICS = ("image_auroc", "pixel_auroc", "pixel_aupro")
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = RESULTS
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +26,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=1, help="demo seed of the development data (not 0, the embedded default)")
     parser.add_argument("--name", default="cpu")
     parser.add_argument("--data", choices=("demo", "photos"), default="demo",
-                        help="demo = the demo generator with --seed; photos = crops of real photographs with made defects (bench/_photo_textures.py)")
+                        help="demo = the demo generator with --seed; photos = crops of real photographs with made defects (bench/studies/photo_textures.py)")
 
 
 def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
@@ -39,7 +39,7 @@ def parse_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
 def generate_data(kind: str, folder: Path, seed: int, train: int | None = None) -> dict:
     """Write the development data (``demo`` with another seed, or ``photos``) under ``folder`` and
     return the ``dataset`` params that point at it."""
-    from _photo_textures import SOURCES, generate_photo_textures
+    from bench.studies.photo_textures import SOURCES, generate_photo_textures
 
     from urd.data.demo import DemoSpec, generate_demo
 

@@ -1,6 +1,6 @@
 """How much a retrain moves the demo's numbers: the defaults trained with several seeds.
 
-    python bench/seed_variance.py [--seeds 0 1 2] [--categories tiles widget]
+    python -m bench.studies.seed_variance [--seeds 0 1 2] [--categories tiles widget]
 
 The data stays the embedded default (the demo generated with seed 0, its test split for reporting);
 only the training seed changes (weight init, synthetic anomalies, batch order). Nothing is selected
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -20,14 +19,13 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine  # noqa: E402
+from bench.machine import RESULTS, machine
 
-from urd.config import load_params  # noqa: E402
-from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
-from urd.data.manifest import ingest_category  # noqa: E402
-from urd.evaluate import evaluate_model  # noqa: E402
-from urd.train import train_category  # noqa: E402
+from urd.config import load_params
+from urd.data.demo import DemoSpec, generate_demo
+from urd.data.manifest import ingest_category
+from urd.evaluate import evaluate_model
+from urd.train import train_category
 
 METRICS = {"I-AUROC": "image_auroc", "P-AUROC": "pixel_auroc", "AUPRO": "pixel_aupro"}
 
@@ -78,7 +76,7 @@ def main() -> None:
         table.add_row(s["category"], "mean ± sd", *cells, "")
         lines.append(f"| {s['category']} | mean ± sd | " + " | ".join(cells) + " | |")
     Console(width=160).print(table)
-    out = Path(__file__).resolve().parent / "results"
+    out = RESULTS
     record = {"machine": machine(), "params": base.model_dump(), "seeds": args.seeds, "rows": rows, "summary": summary_rows}
     (out / f"seed_variance_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")
     (out / f"seed_variance_{args.name}.md").write_text("\n".join(lines) + "\n")

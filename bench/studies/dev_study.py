@@ -1,13 +1,13 @@
 """Settings studies on a *development* demo: the demo generator with another seed, never the test split.
 
-    python bench/dev_study.py --variant base '{}' --variant it900 '{"train": {"iterations": 900}}' \
+    python -m bench.studies.dev_study --variant base '{}' --variant it900 '{"train": {"iterations": 900}}' \
         [--categories tiles widget] [--seed 1] [--train-images 120] [--sigmas 4 1.5 0] [--name NAME] [--data photos]
 
 The embedded default's test split (seed 0) is for reporting only. To choose demo settings without
 looking at it, this script generates the same demo with another seed (new images, new defects, same
 distribution), trains each variant (params.yaml + the JSON overrides) per category on it and
 evaluates on *its* test split. ``--data photos`` studies crops of real photographs with made defects
-instead (bench/_photo_textures.py), because settings chosen on the demo generator alone did not
+instead (bench/studies/photo_textures.py), because settings chosen on the demo generator alone did not
 carry over to real textures. ``--sigmas`` re-scores each trained model with other blur sigmas of
 the anomaly map (a post-processing setting, so no retraining). It also reports each feature scale's
 own metrics (1 - cos at that scale alone, upsampled, no blur) to show which scale finds which defect.
@@ -19,24 +19,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _dev_demo as dev_demo  # noqa: E402
+from bench.studies import dev_demo
 
-from urd.checkpoint import load_model  # noqa: E402
-from urd.config import deep_merge, load_params, parse_params  # noqa: E402
-from urd.data.demo import DemoSpec  # noqa: E402
-from urd.data.manifest import ingest_category  # noqa: E402
-from urd.data.torch_data import EvalDataset, eval_loader  # noqa: E402
-from urd.evaluate import compute_metrics  # noqa: E402
-from urd.model.anomaly_map import GaussianBlur  # noqa: E402
-from urd.train import train_category  # noqa: E402
+from urd.checkpoint import load_model
+from urd.config import deep_merge, load_params, parse_params
+from urd.data.demo import DemoSpec
+from urd.data.manifest import ingest_category
+from urd.data.torch_data import EvalDataset, eval_loader
+from urd.evaluate import compute_metrics
+from urd.model.anomaly_map import GaussianBlur
+from urd.train import train_category
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """How much of each defect the backbone's features can see, with no student at all.
 
-    python bench/feature_knn.py [--seed 1] [--categories tiles widget] [--image-size 96] [--raw-features] [--name cpu] [--data photos]
+    python -m bench.studies.feature_knn [--seed 1] [--categories tiles widget] [--image-size 96] [--raw-features] [--name cpu] [--data photos]
 
 The backbone and its weights come from the params file (random init for ``weights: none``).
 
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -31,15 +30,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _dev_demo as dev_demo  # noqa: E402
+from bench.studies import dev_demo
 
-from urd.config import deep_merge, load_params, parse_params  # noqa: E402
-from urd.data.manifest import ingest_category  # noqa: E402
-from urd.data.torch_data import EvalDataset, eval_loader, image_tensor, to_unit  # noqa: E402
-from urd.evaluate import compute_metrics  # noqa: E402
-from urd.model.anomaly_map import GaussianBlur  # noqa: E402
-from urd.model.backbone import build_encoder, estimate_batchnorm_statistics  # noqa: E402
+from urd.config import deep_merge, load_params, parse_params
+from urd.data.manifest import ingest_category
+from urd.data.torch_data import EvalDataset, eval_loader, image_tensor, to_unit
+from urd.evaluate import compute_metrics
+from urd.model.anomaly_map import GaussianBlur
+from urd.model.backbone import build_encoder, estimate_batchnorm_statistics
 
 @torch.no_grad()
 def features(encoder, images: torch.Tensor, unit_length: bool = True) -> list[torch.Tensor]:

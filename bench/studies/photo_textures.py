@@ -1,10 +1,10 @@
 """Development data from real photographs: crops of photos that installed packages ship, with defects
 made here, in the MVTec AD layout.
 
-The demo generator alone is not enough to choose settings (the leads' note in NOTES.md: a variant
-that won on the demo lost on real photographed textures). These categories are crops of
-stochastic real-world surfaces shipped by scikit-image (``brick``, ``grass`` and ``gravel`` are
-held out by the leads and never used here):
+The demo generator alone is not enough to choose settings (a variant that won on the demo lost on
+real photographed textures). These categories are crops of stochastic real-world surfaces shipped
+by scikit-image (``brick``, ``grass`` and ``gravel`` stay unseen for a held-out benchmark and are
+never used here):
 
 * ``moon``: the lunar surface (512 x 512 grey)
 * ``ihc``: immunohistochemistry tissue stain (512 x 512 RGB)
@@ -129,7 +129,7 @@ def generate_photo_textures(root: str | Path, seed: int = 1, train: int = 80, te
     return root
 
 
-if __name__ == "__main__":  # write a copy to look at: python bench/_photo_textures.py /tmp/photos
+if __name__ == "__main__":  # write a copy to look at: python -m bench.studies.photo_textures /tmp/photos
     import sys
 
     print(generate_photo_textures(sys.argv[1]))

@@ -1,7 +1,7 @@
 """The model along one training run, on a *development* demo: do more iterations or a val-only
 checkpoint choice reach better test metrics?
 
-    python bench/dev_trajectory.py [--categories tiles] [--iterations 600] [--every 50] [--seed 1]
+    python -m bench.studies.dev_trajectory [--categories tiles] [--iterations 600] [--every 50] [--seed 1]
 
 Trains params.yaml's settings (with ``--iterations``) per category on the demo generated with
 another seed than the embedded default (never its test split), and at every ``--every`` iterations
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -30,22 +29,21 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import spearmanr
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import _dev_demo as dev_demo  # noqa: E402
-from _machine import machine  # noqa: E402
+from bench.studies import dev_demo
+from bench.machine import RESULTS, machine
 
-from urd.config import deep_merge, load_params, parse_params  # noqa: E402
-from urd.data.demo import DemoSpec, generate_demo  # noqa: E402
-from urd.data.foreground import method_for  # noqa: E402
-from urd.data.manifest import ingest_category  # noqa: E402
-from urd.data.prepare import compute_foreground  # noqa: E402
-from urd.data.synthesis import AnomalySynthesizer  # noqa: E402
-from urd.data.textures import texture_cache  # noqa: E402
-from urd.data.torch_data import image_tensor, to_unit  # noqa: E402
-from urd.evaluate import compute_metrics  # noqa: E402
-from urd.metrics import image_metrics, pixel_metrics  # noqa: E402
-from urd.scoring import score_images  # noqa: E402
-from urd.train import train_category  # noqa: E402
+from urd.config import deep_merge, load_params, parse_params
+from urd.data.demo import DemoSpec, generate_demo
+from urd.data.foreground import method_for
+from urd.data.manifest import ingest_category
+from urd.data.prepare import compute_foreground
+from urd.data.synthesis import AnomalySynthesizer
+from urd.data.textures import texture_cache
+from urd.data.torch_data import image_tensor, to_unit
+from urd.evaluate import compute_metrics
+from urd.metrics import image_metrics, pixel_metrics
+from urd.scoring import score_images
+from urd.train import train_category
 
 TEST = {"I": "image_auroc", "P": "pixel_auroc", "PRO": "pixel_aupro"}
 SIGNALS = ("val_mean", "syn_I", "syn_P", "syn_PRO")
@@ -133,7 +131,7 @@ def main() -> None:
               "| category | signal | I | P | PRO |", "|---|---|---|---|---|"]
     lines += [f"| {c['category']} | {c['signal']} | " + " | ".join(f"{c[k]:+.2f}" for k in TEST) + " |" for c in correlations]
     print("\n".join(lines[-len(correlations) - 2:]))
-    out = Path(__file__).resolve().parent / "results"
+    out = RESULTS
     record = {"machine": machine(), "params": args.params, "dev_seed": args.seed, "iterations": args.iterations,
               "every": args.every, "rows": rows, "correlations": correlations}
     (out / f"dev_trajectory_{args.name}.json").write_text(json.dumps(record, indent=2) + "\n")

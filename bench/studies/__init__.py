@@ -1,0 +1,1 @@
+"""Studies behind the method's measured choices (docs/method.md, bench/README.md)."""

@@ -1,0 +1,28 @@
+"""Thresholds and score normalisation from the val split."""
+
+import numpy as np
+import pytest
+
+from urd.calibrate import calibrate, normalize_scores
+from urd.config import CalibrateParams
+
+
+def test_calibration_quantile_and_normalisation():
+    rng = np.random.default_rng(0)
+    val_scores = rng.random(200)
+    val_maps = rng.random((200, 4, 4))
+    c = calibrate(CalibrateParams(target_fpr=0.05, pixel_target_fpr=0.01), val_scores, val_maps)
+    assert c["method"] == "val_quantile" and c["image_fpr_resolution"] == pytest.approx(1 / len(val_scores))
+    assert 0.03 <= (val_scores >= c["image_threshold"]).mean() <= 0.05
+    assert normalize_scores(c["image_threshold"], c["image_threshold"], c["image_min"], c["image_max"]) == pytest.approx(0.5)
+    assert normalize_scores(np.array([-5.0, 99.0]), c["image_threshold"], c["image_min"], c["image_max"]).tolist() == [0.0, 1.0]
+
+
+def test_calibration_with_labelled_anomalies_is_f1_optimal():
+    val_scores = np.array([0.1, 0.2, 0.3, 0.35])
+    anomaly_scores = np.array([0.4, 0.5, 0.33])
+    c = calibrate(CalibrateParams(), val_scores, np.zeros((4, 2, 2)), anomaly_scores, np.ones((3, 2, 2)), np.ones((3, 2, 2), bool))
+    assert c["method"] == "f1_calibration_set" and c["image_threshold"] == pytest.approx(0.33)  # F1 6/7: TP 3, FP 1 (0.35)
+    assert c["pixel_threshold"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="val"):
+        calibrate(CalibrateParams(), np.zeros(0), np.zeros((0, 2, 2)))
