@@ -30,7 +30,8 @@ from bench.timing import timings
 
 from urd.checkpoint import build_model, load_model, model_meta, save_model
 from urd.config import load_params
-from urd.export import OnnxBundle, export_bundle, quantize_bundle
+from urd.export import export_bundle, quantize_bundle
+from urd.inference import OnnxBundle
 from urd.runtime import native_bf16
 
 

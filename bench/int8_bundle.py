@@ -30,7 +30,8 @@ from urd.export import add_int8_graph
 from urd.checkpoint import load_model
 from urd.config import load_params
 from urd.data.manifest import read_manifest
-from urd.export import METADATA_FILE, OnnxBundle
+from urd.files import METADATA_FILE
+from urd.inference import OnnxBundle
 
 
 def median_ms(fn, repeats: int) -> float:

@@ -232,3 +232,8 @@ def merge_category(root: Path, category: str, entries: dict[str, Any], log: Call
             atomic_write_text(lock_file, before)
         raise StageFailed(f"merging {category}'s results into {root} failed, so dvc.lock was restored and {category} reads as changed "
                           f"here (a rerun builds it again): {exc}", transient=getattr(exc, "transient", False)) from None
+
+
+def stages_ran(output: str) -> list[str]:
+    """The stages a `dvc repro` output says it ran."""
+    return re.findall(r"Running stage '([^']+)'", output)

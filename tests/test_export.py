@@ -6,7 +6,9 @@ import torch
 
 from urd.checkpoint import build_model, load_model, model_meta, save_model
 from urd.config import parse_params
-from urd.export import METADATA_FILE, OnnxBundle, export_bundle
+from urd.export import export_bundle
+from urd.files import METADATA_FILE
+from urd.inference import OnnxBundle
 
 
 @pytest.fixture(scope="module", params=[("resnet18", 1), ("efficientnet_lite0", 2)], ids=["resnet18", "lite0-width2"])
@@ -76,7 +78,8 @@ def test_int8_graph_quantises_the_student_and_keeps_teacher_and_anomaly_map_in_f
 
     import onnx
 
-    from urd.export import INT8_ONNX_FILE, quantize_bundle
+    from urd.export import quantize_bundle
+    from urd.files import INT8_ONNX_FILE
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle / "bundle", copy)

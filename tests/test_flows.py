@@ -89,7 +89,7 @@ def test_prefect_yaml_schedules_what_params_yaml_schedules():
     schedule = deployments["retrain"]["schedules"][0]
     params = Params.model_validate(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert (schedule["cron"], schedule["timezone"]) == (params.retrain.cron, params.retrain.timezone) == (RetrainParams().cron, "UTC")
-    assert deployments["retrain"]["entrypoint"] == "pipeline/flows.py:retrain" and deployments["train-category"]["entrypoint"] == "pipeline/flows.py:train_category"
+    assert deployments["retrain"]["entrypoint"] == "pipeline/flows.py:retrain" and deployments["train-category"]["entrypoint"] == "pipeline/fanout.py:build_category"
 
 
 def test_serve_refuses_to_start_without_a_server(monkeypatch):

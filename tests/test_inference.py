@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from pipeline.model_card import write_model_card
 from urd.cli import app
 from urd.data.manifest import build_manifest
-from urd.export import METADATA_FILE
+from urd.files import METADATA_FILE
 
 
 runner = CliRunner()

@@ -43,9 +43,7 @@ def _file(module: str) -> Path | None:
 
 def _imports(path: Path) -> set[str]:
     """Every urd / pipeline module ``path`` imports, at the top or inside a function."""
-    package = ".".join(path.relative_to(REPO).with_suffix("").parts)
-    if path.name != "__init__.py":
-        package = package.rsplit(".", 1)[0]
+    package = ".".join(path.relative_to(REPO).parent.parts)  # what a relative import is relative to
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):

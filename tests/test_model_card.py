@@ -6,7 +6,7 @@ from typer.testing import CliRunner
 
 from pipeline.model_card import CARD_JSON, CARD_MD, _caveats, build_card, write_model_card
 from urd.data.manifest import build_manifest
-from urd.export import METADATA_FILE
+from urd.files import METADATA_FILE
 
 
 runner = CliRunner()

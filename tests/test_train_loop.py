@@ -75,7 +75,7 @@ def test_frozen_teacher_features_are_cached_without_changing_the_run(tiny, tmp_p
     monkeypatch.setattr(FrozenFeatureCache, "_compute", staticmethod(lambda *a: encoded.append(1) or compute(*a)))
     cached = train_category(p, "widget", manifest, tmp_path / "cached", progress=False)
     hits = 8 - len(encoded)
-    monkeypatch.setattr("urd.train.FEATURE_CACHE_LIMIT_BYTES", 0)
+    monkeypatch.setattr("urd.train.step.FEATURE_CACHE_LIMIT_BYTES", 0)
     encoded.clear()
     fresh = train_category(p, "widget", manifest, tmp_path / "fresh", progress=False)
     assert cached["teacher_features_cached"] and not fresh["teacher_features_cached"]
@@ -92,7 +92,7 @@ def test_the_experts_features_are_cached_without_changing_the_run(tiny, tmp_path
                                   "train": params.train.model_copy(update={"iterations": 8, "checkpoint_every": 8})})
     assert p.model.expert
     cached = train_category(p, "widget", manifest, tmp_path / "cached", progress=False)
-    monkeypatch.setattr("urd.train.FEATURE_CACHE_LIMIT_BYTES", 0)
+    monkeypatch.setattr("urd.train.step.FEATURE_CACHE_LIMIT_BYTES", 0)
     fresh = train_category(p, "widget", manifest, tmp_path / "fresh", progress=False)
     assert cached["expert_features_cached"] and not fresh["expert_features_cached"]
     assert not cached["teacher_features_cached"]  # the teacher learns: its features change every step

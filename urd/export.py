@@ -28,14 +28,9 @@ import numpy as np
 import torch
 
 from .checkpoint import load_model
-from .files import CALIBRATION_FILE, MODEL_META, MODEL_WEIGHTS, atomic_write_text
+from .files import (BUNDLE_FORMAT, CALIBRATION_FILE, INT8_ONNX_FILE, METADATA_FILE, MODEL_META, MODEL_WEIGHTS, ONNX_FILE,
+                    TORCHSCRIPT_FILE, atomic_write_text)
 
-ONNX_FILE = "model.onnx"
-INT8_ONNX_FILE = "model.int8.onnx"
-TORCHSCRIPT_FILE = "model.torchscript"
-METADATA_FILE = "metadata.json"
-# 2: the graph takes RGB in [0, 1] and normalises inside (1 took inputs normalised outside)
-BUNDLE_FORMAT = "urd-bundle/2"
 
 
 def export_bundle(
@@ -147,6 +142,7 @@ def int8_parity(bundle_dir: str | Path, rows, batch_size: int = 16) -> dict[str,
     from scipy.stats import spearmanr
     from sklearn.metrics import roc_auc_score
 
+    from .inference import OnnxBundle
     from .scoring import score_rows
 
     graphs = {"fp32": OnnxBundle(bundle_dir), "int8": OnnxBundle(bundle_dir, precision="int8")}
@@ -180,38 +176,3 @@ def add_int8_graph(bundle_dir: str | Path, manifest, image_size: int) -> dict[st
     metadata["int8"] = {"calibration_images": int(len(val)), "calibration_split": "val", "parity_on_test": parity}
     atomic_write_text(bundle_dir / METADATA_FILE, json.dumps(metadata, indent=2) + "\n")
     return parity
-
-
-class OnnxBundle:
-    """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores).
-    ``precision="int8"`` runs the quantised graph (``model.int8.onnx``) instead of the fp32 one."""
-
-    def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None, precision: str = "fp32") -> None:
-        import onnxruntime
-
-        self.dir = Path(bundle_dir)
-        self.metadata = metadata if metadata is not None else json.loads((self.dir / METADATA_FILE).read_text())
-        if self.metadata.get("format") != BUNDLE_FORMAT:
-            raise ValueError(f"{self.dir / METADATA_FILE} is bundle format {self.metadata.get('format')!r}; this urd reads {BUNDLE_FORMAT!r} "
-                             "(its graph normalises inside). Re-export the bundle from a model trained with this urd.")
-        if precision not in ("fp32", "int8"):
-            raise ValueError(f"precision must be 'fp32' or 'int8' (got {precision!r})")
-        graph = self.dir / (INT8_ONNX_FILE if precision == "int8" else ONNX_FILE)
-        if not graph.is_file():
-            fix = "package it with package.quantize: int8 (params.yaml)" if precision == "int8" else "re-export it with the onnx format"
-            raise FileNotFoundError(f"{graph} not found: this bundle has no {precision} ONNX graph; {fix}.")
-        self.precision = precision
-        options = onnxruntime.SessionOptions()
-        # ORT would start one thread per core whatever else runs here; take this process's budget
-        # instead (the pipeline sets it from urd.runtime.ThreadBudget).
-        options.intra_op_num_threads = torch.get_num_threads()
-        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
-
-    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        maps, scores = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
-        return maps, scores
-
-    def score(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        """A scorer (urd.scoring): RGB batch in [0, 1] -> anomaly maps (N x S x S), image scores (N)."""
-        maps, scores = self(images.numpy())
-        return maps[:, 0], scores

@@ -1,4 +1,4 @@
-"""Files every part of urd writes the same way, and the names of the files a model folder holds."""
+"""Files every part of urd writes the same way, and the names of the files a model folder and a bundle hold."""
 
 from __future__ import annotations
 
@@ -9,6 +9,13 @@ from typing import Callable
 MODEL_WEIGHTS = "model.safetensors"
 MODEL_META = "model.json"
 CALIBRATION_FILE = "calibration.json"  # thresholds and score normalisation, written by urd.calibrate
+# An exported bundle (urd.export writes it, urd.inference.OnnxBundle and the Predictor read it).
+ONNX_FILE = "model.onnx"
+INT8_ONNX_FILE = "model.int8.onnx"
+TORCHSCRIPT_FILE = "model.torchscript"
+METADATA_FILE = "metadata.json"
+# 2: the graph takes RGB in [0, 1] and normalises inside (1 took inputs normalised outside)
+BUNDLE_FORMAT = "urd-bundle/2"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

@@ -6,6 +6,7 @@ import contextlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -15,7 +16,7 @@ from tqdm import tqdm
 
 from .calibrate import normalize_scores
 from .checkpoint import load_model
-from .files import CALIBRATION_FILE
+from .files import BUNDLE_FORMAT, CALIBRATION_FILE, INT8_ONNX_FILE, METADATA_FILE, ONNX_FILE
 from .data.images import ImageReadError, read_image, resize_image
 from .data.layouts import IMAGE_SUFFIXES
 from .data.torch_data import to_unit
@@ -60,7 +61,6 @@ class Predictor:
     """
 
     def __init__(self, model_dir: str | Path, device: str = "cpu", precision: str = "auto") -> None:
-        from .export import METADATA_FILE, OnnxBundle
         from .runtime import autocast_for, resolve_precision
 
         self.model_dir = Path(model_dir)
@@ -175,3 +175,38 @@ class Predictor:
         frame.to_csv(out_dir / "predictions.csv", index=False)
         (out_dir / "predictions.json").write_text(frame.to_json(orient="records", indent=2))
         return {"csv": out_dir / "predictions.csv", "json": out_dir / "predictions.json"}
+
+
+class OnnxBundle:
+    """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores).
+    ``precision="int8"`` runs the quantised graph (``model.int8.onnx``) instead of the fp32 one."""
+
+    def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None, precision: str = "fp32") -> None:
+        import onnxruntime
+
+        self.dir = Path(bundle_dir)
+        self.metadata = metadata if metadata is not None else json.loads((self.dir / METADATA_FILE).read_text())
+        if self.metadata.get("format") != BUNDLE_FORMAT:
+            raise ValueError(f"{self.dir / METADATA_FILE} is bundle format {self.metadata.get('format')!r}; this urd reads {BUNDLE_FORMAT!r} "
+                             "(its graph normalises inside). Re-export the bundle from a model trained with this urd.")
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"precision must be 'fp32' or 'int8' (got {precision!r})")
+        graph = self.dir / (INT8_ONNX_FILE if precision == "int8" else ONNX_FILE)
+        if not graph.is_file():
+            fix = "package it with package.quantize: int8 (params.yaml)" if precision == "int8" else "re-export it with the onnx format"
+            raise FileNotFoundError(f"{graph} not found: this bundle has no {precision} ONNX graph; {fix}.")
+        self.precision = precision
+        options = onnxruntime.SessionOptions()
+        # ORT would start one thread per core whatever else runs here; take this process's budget
+        # instead (the pipeline sets it from urd.runtime.ThreadBudget).
+        options.intra_op_num_threads = torch.get_num_threads()
+        self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        maps, scores = self.session.run(None, {"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return maps, scores
+
+    def score(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """A scorer (urd.scoring): RGB batch in [0, 1] -> anomaly maps (N x S x S), image scores (N)."""
+        maps, scores = self(images.numpy())
+        return maps[:, 0], scores
