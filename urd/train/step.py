@@ -162,12 +162,7 @@ def train_step(
             with autocast:
                 teacher_n, teacher_a = model.teacher(normal), model.teacher(anomalous)
             loss_t = teacher_loss(teacher_n, teacher_a, expert_normal, mask, expert_anomalous)
-        with phase("teacher_backward"):
-            optimizers.teacher.zero_grad(set_to_none=True)
-            loss_t.backward()
-        with phase("optimizer"):
-            optimizers.teacher.step()
-        losses["teacher"] = loss_t.item()
+        losses["teacher"] = _update(optimizers.teacher, loss_t, "teacher")
 
     model.teacher.eval()
     with phase("teacher_features"), torch.no_grad(), autocast:
@@ -179,10 +174,15 @@ def train_step(
         with autocast:
             student_normal, student_anomalous = student_pass(model, teacher_normal, teacher_anomalous)
         loss_s = student_loss(student_normal, student_anomalous, teacher_normal, expert_normal)
-    with phase("student_backward"):
-        optimizers.student.zero_grad(set_to_none=True)
-        loss_s.backward()
-    with phase("optimizer"):
-        optimizers.student.step()
-    losses["student"] = loss_s.item()
+    losses["student"] = _update(optimizers.student, loss_s, "student")
     return losses
+
+
+def _update(optimizer: torch.optim.Optimizer, loss: Tensor, network: str) -> float:
+    """Backward and one optimiser step for ``network`` (teacher or student); the loss as a float."""
+    with phase(f"{network}_backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with phase("optimizer"):
+        optimizer.step()
+    return loss.item()
