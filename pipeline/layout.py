@@ -24,7 +24,7 @@ GLOBAL_STAGES = ("demo_data", "textures")
 # by the `stage_params` stage into data/params/<category>/<stage>.json: dvc.yaml lists those files as the
 # stages' dependencies, so an override for one category reruns only that category's stages.
 STAGE_PARAMS = {
-    "ingest": ["dataset.name", "dataset.root", "dataset.val_fraction"],
+    "ingest": ["dataset.name", "dataset.root", "dataset.val_fraction", "dataset.exclude"],
     "validate": ["dataset.name", "dataset.min_train_images", "dataset.require_masks"],
     "prepare": ["dataset.name", "dataset.image_size", "synthesis.foreground.{category}"],
     "train": ["seed", "dataset.image_size", "model", "train", "synthesis"],

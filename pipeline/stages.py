@@ -36,7 +36,7 @@ def ingest(params: Params, category: str) -> None:
     from urd.data.manifest import build_manifest, write_manifest
 
     p = params.for_category(category)
-    manifest = build_manifest(p.dataset.name, p.dataset.root, category, p.dataset.val_fraction)
+    manifest = build_manifest(p.dataset.name, p.dataset.root, category, p.dataset.val_fraction, exclude=p.dataset.exclude)
     write_manifest(manifest, paths(category)["manifest"])
 
 

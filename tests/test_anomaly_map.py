@@ -33,12 +33,17 @@ def test_perturbed_feature_location_is_where_the_map_peaks(scale):
     assert image_score(amap[None, None]).item() == pytest.approx(amap.max().item())
 
 
-def test_blur_matches_scipy_mirror_mode():
+@pytest.mark.parametrize("border", ["mirror", "reflect"])
+def test_blur_matches_scipy_in_both_border_modes(border):
     x = torch.rand(2, 1, 64, 48)
-    ours = GaussianBlur(4.0)(x).numpy()
+    ours = GaussianBlur(4.0, border)(x).numpy()
     for i in range(2):
-        ref = gaussian_filter(x[i, 0].double().numpy(), sigma=4.0, mode="mirror", truncate=4.0)
+        ref = gaussian_filter(x[i, 0].double().numpy(), sigma=4.0, mode=border, truncate=4.0)
         np.testing.assert_allclose(ours[i, 0], ref, atol=1e-5)
+    other = "reflect" if border == "mirror" else "mirror"
+    assert not np.allclose(ours[0, 0, :2], gaussian_filter(x[0, 0].double().numpy(), sigma=4.0, mode=other, truncate=4.0)[:2], atol=1e-5)
+    with pytest.raises(ValueError, match="mirror"):
+        GaussianBlur(4.0, "wrap")
 
 
 def test_map_is_sum_of_three_scales_before_blur():

@@ -11,13 +11,15 @@ from urd.files import METADATA_FILE
 from urd.inference import OnnxBundle
 
 
-@pytest.fixture(scope="module", params=[("resnet18", 1), ("efficientnet_lite0", 2)], ids=["resnet18", "lite0-width2"])
+@pytest.fixture(scope="module", params=[("resnet18", 1, "reflect"), ("efficientnet_lite0", 2, "mirror")], ids=["resnet18-reflect", "lite0-width2"])
 def bundle(tmp_path_factory, request):
-    """resnet18 as RD builds it; lite0 with a student twice as wide (output heads, width read back from model.json)."""
+    """resnet18 as RD builds it, with the release's blur border; lite0 with a student twice as wide
+    (output heads, width read back from model.json)."""
     tmp = tmp_path_factory.mktemp("export")
-    backbone, width = request.param
+    backbone, width, border = request.param
     weights = "imagenet" if backbone == "efficientnet_lite0" else "none"  # ResNet weights come from the hub: not here
-    params = parse_params({"dataset": {"image_size": 64}, "model": {"backbone": backbone, "weights": weights, "student_width": width}})
+    params = parse_params({"dataset": {"image_size": 64}, "model": {"backbone": backbone, "weights": weights, "student_width": width,
+                                                                    "blur_border": border}})
     torch.manual_seed(0)
     model = build_model(params)
     for p in model.student.parameters():  # non-trivial student so maps are not constant

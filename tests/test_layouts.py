@@ -1,8 +1,10 @@
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 
+from urd.config import parse_params
 from urd.data.demo import CATEGORIES, DemoSpec, generate_demo
 from urd.data.images import ImageReadError, read_image, read_mask
 from urd.data.layouts import DatasetLayoutError, read_layout
@@ -141,3 +143,17 @@ def test_a_demo_from_an_older_generator_is_refused_not_silently_used(tmp_path):
     (root / "demo.json").write_text(json.dumps(spec | {"version": DEMO_VERSION - 1}))
     with pytest.raises(ValueError, match=f"version {DEMO_VERSION - 1}.*--overwrite"):
         ingest_category(params, "tiles", progress=False)
+
+
+def test_excluded_images_are_left_out_and_a_pattern_matching_nothing_is_an_error(tmp_path):
+    from .layouts_fixtures import make_btad
+
+    make_btad(tmp_path, "01")
+    full = build_manifest("btad", tmp_path, "01", 0.0, progress=False)
+    test_ko = sorted(p for p in full["path"] if "/test/ko/" in p)
+    name = Path(test_ko[0]).name
+    fewer = build_manifest("btad", tmp_path, "01", 0.0, progress=False, exclude=[f"01/test/ko/{name}", "02/train/ok/*"])
+    assert len(fewer) == len(full) - 1 and not any(p.endswith(f"/test/ko/{name}") for p in fewer["path"])
+    with pytest.raises(ValueError, match="01/test/ko/nope.bmp"):
+        build_manifest("btad", tmp_path, "01", 0.0, progress=False, exclude=["01/test/ko/nope.bmp"])
+    assert parse_params({"dataset": {"exclude": ["01/test/ko/0001.bmp"]}}).dataset.exclude == ["01/test/ko/0001.bmp"]

@@ -1,9 +1,15 @@
 import torch
 import torch.nn.functional as F
 
-from urd.model.losses import flat_cosine_distance, mask_at_scale, student_loss, teacher_loss
+import numpy as np
+
+from urd.model.losses import flat_cosine_distance, student_loss, teacher_loss, teacher_masks
 
 SIZES = [(16, 16), (8, 8), (4, 4)]  # feature grids of a 64x64 image
+
+
+def mask_at_scale(mask, size):
+    return teacher_masks(mask, [tuple(size)])[0]
 
 
 def _features(channels=(4, 6, 8), batch=2):
@@ -82,3 +88,36 @@ def test_teacher_loss_is_per_pixel_l1():
         expected += (1 - F.cosine_similarity(a, c, dim=1)).mean()
         expected += ((1 - F.cosine_similarity(b, c, dim=1)) - m).abs().mean()
     torch.testing.assert_close(teacher_loss(t_n, t_a, e_n, mask), expected)
+
+
+def _linear_align_corners(a: np.ndarray, out: int, axis: int) -> np.ndarray:
+    """1-D linear resampling with align_corners=True along ``axis``: out[i] = a at i * (n - 1) / (out - 1)."""
+    n = a.shape[axis]
+    x = np.arange(out) * (n - 1) / (out - 1)
+    lo = np.floor(x).astype(int).clip(0, n - 1)
+    hi = (lo + 1).clip(0, n - 1)
+    w = x - lo
+    shape = [1] * a.ndim
+    shape[axis] = out
+    return np.take(a, lo, axis) * (1 - w).reshape(shape) + np.take(a, hi, axis) * w.reshape(shape)
+
+
+def test_cascaded_teacher_masks_follow_the_release():
+    rng = np.random.default_rng(0)
+    mask = (rng.random((2, 1, 32, 32)) > 0.6).astype(np.float32)
+    sizes = [(8, 8), (4, 4), (2, 2)]
+    expected, current = [], mask[:, 0]
+    for h, w in sizes:
+        current = (_linear_align_corners(_linear_align_corners(current, h, 1), w, 2) >= 0.5).astype(np.float32)
+        expected.append(current)
+    cascade = teacher_masks(torch.from_numpy(mask), sizes, "cascade")
+    for got, want in zip(cascade, expected):
+        np.testing.assert_array_equal(got.numpy(), want)
+    direct = teacher_masks(torch.from_numpy(mask), sizes, "direct")
+    assert any(not torch.equal(c, d) for c, d in zip(cascade, direct))  # the two rules differ on a ragged mask
+    t_n, t_a, e_n = _features(), _features(), _features()
+    block = _block_mask()
+    expected_loss = 0.0
+    for a, b, c, m in zip(t_n, t_a, e_n, teacher_masks(block, SIZES, "cascade")):
+        expected_loss += (1 - F.cosine_similarity(a, c, dim=1)).mean() + ((1 - F.cosine_similarity(b, c, dim=1)) - m).abs().mean()
+    torch.testing.assert_close(teacher_loss(t_n, t_a, e_n, block, mask_mode="cascade"), expected_loss)

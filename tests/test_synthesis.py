@@ -105,3 +105,22 @@ def test_perlin_matches_a_per_pixel_reference():
 def test_bad_texture_array_is_refused():
     with pytest.raises(ValueError, match="textures"):
         AnomalySynthesizer(SynthesisParams(), torch.zeros(0, 3, 8, 8))
+
+
+def test_the_release_switches_leave_empty_masks_and_textures_as_they_are():
+    # A small foreground: with redraws every sample gets an anomaly, without (the release) some stay normal.
+    foreground = torch.zeros(64, 1, 32, 32)
+    foreground[:, :, 12:20, 12:20] = 1
+    images = _images(64, 32)
+    redrawn = AnomalySynthesizer(SynthesisParams(), _textures(size=32), seed=3)(images, foreground)[1]
+    kept = AnomalySynthesizer(SynthesisParams(redraw_empty_masks=False), _textures(size=32), seed=3)(images, foreground)[1]
+    assert (redrawn.flatten(1).amax(1) > 0).all()
+    empty = kept.flatten(1).amax(1) == 0
+    assert 0 < int(empty.sum()) < 64
+    # Without flips every drawn texture is one of the bank's images exactly; with them some are turned.
+    bank = _textures(n=3, size=32)
+    plain = AnomalySynthesizer(SynthesisParams(texture_flips=False), bank, seed=1).texture_batch(32, (32, 32))
+    flipped = AnomalySynthesizer(SynthesisParams(), bank, seed=1).texture_batch(32, (32, 32))
+    unit = bank.float().mul(1 / 255)
+    assert all(any(torch.equal(t, u) for u in unit) for t in plain)
+    assert not all(any(torch.equal(t, u) for u in unit) for t in flipped)

@@ -80,3 +80,16 @@ def test_train_images_are_decoded_once_and_served_as_copies(tmp_path, monkeypatc
     ds = torch_data.TrainDataset(paths, 32)
     ds[0], ds[0]
     assert ds.cache is None and reads[1:] == [paths[0], paths[0]]
+
+
+def test_incomplete_batches_are_dropped_or_kept():
+    from urd.data.torch_data import EpochBatchSampler
+
+    dropped = EpochBatchSampler(10, 4, seed=0)
+    kept = EpochBatchSampler(10, 4, seed=0, keep_incomplete=True)
+    first = [next(it) for it in [iter(dropped)] for _ in range(2)]
+    assert [len(b) for b in first] == [4, 4] and dropped.per_epoch == 2
+    epoch = [b for it in [iter(kept)] for b in (next(it) for _ in range(3))]
+    assert [len(b) for b in epoch] == [4, 4, 2] and sorted(sum(epoch, [])) == list(range(10))  # every image once per epoch
+    resumed = next(iter(EpochBatchSampler(10, 4, seed=0, start_batch=2, keep_incomplete=True)))
+    assert resumed == epoch[2]

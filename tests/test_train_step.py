@@ -163,3 +163,26 @@ def test_student_pass_splits_one_pass_over_both_batches_back_into_normal_and_syn
         assert torch.allclose(joint_mean, first_bn.running_mean)
         model.student(t_n)
         assert not torch.allclose(joint_mean, first_bn.running_mean)
+
+
+@pytest.mark.parametrize("passes, calls", [("joint", [4]), ("separate", [2, 2])])
+def test_student_passes_joint_or_separate_as_the_release(passes, calls):
+    torch.manual_seed(0)
+    model = URD("resnet18", image_size=64)
+    seen = []
+    model.student.register_forward_hook(lambda module, args, out: seen.append(args[0][0].shape[0]))
+    train_step(model, make_optimizers(model, TrainParams()), *_batch(), student_passes=passes)
+    assert seen == calls  # one pass over 2B images, or one per batch of B
+    with pytest.raises(ValueError, match="student_passes"):
+        train_step(model, make_optimizers(model, TrainParams()), *_batch(), student_passes="both")
+
+
+def test_separate_passes_normalise_each_batch_on_its_own():
+    torch.manual_seed(0)
+    joint = URD("resnet18", image_size=64)
+    separate = copy.deepcopy(joint)
+    batch = _batch()
+    a = train_step(joint, make_optimizers(joint, TrainParams()), *batch, student_passes="joint")
+    b = train_step(separate, make_optimizers(separate, TrainParams()), *batch, student_passes="separate")
+    assert a["teacher"] == b["teacher"]  # the teacher step is the same
+    assert a["student"] != b["student"]  # BatchNorm statistics over both batches or over each

@@ -33,7 +33,8 @@ class ModelFileError(FileNotFoundError):
 def build_model(params: Params) -> URD:
     """The network ``params`` describe (model section, input size), with its backbone weights."""
     m = params.model
-    return URD(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma, m.teacher_batchnorm, m.student_width)
+    return URD(m.backbone, m.weights, m.expert, m.gii, params.dataset.image_size, m.blur_sigma, m.teacher_batchnorm, m.student_width,
+               m.blur_border)
 
 
 def model_meta(params: Params, category: str) -> dict[str, Any]:
@@ -49,6 +50,7 @@ def model_meta(params: Params, category: str) -> dict[str, Any]:
             "student_width": m.student_width,
             "expert_in_training": m.expert,
             "blur_sigma": m.blur_sigma,
+            "blur_border": m.blur_border,
         },
         "weights_source": m.weights,
         "preprocessing": {
@@ -94,7 +96,7 @@ def load_model(model_dir: str | Path, device: str | torch.device = "cpu") -> tup
         raise ModelFileError(f"{weights} not found; the model folder is incomplete. Retrain or copy the whole folder.")
     arch = meta["architecture"]
     model = URD(arch["backbone"], "none", expert=False, gii=arch["gii"], image_size=meta["preprocessing"]["image_size"],
-                blur_sigma=arch["blur_sigma"], student_width=arch.get("student_width", 1))
+                blur_sigma=arch["blur_sigma"], student_width=arch.get("student_width", 1), blur_border=arch.get("blur_border", "mirror"))
     graph = model.inference_graph()
     try:
         graph.load_state_dict(load_file(str(weights)))

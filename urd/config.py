@@ -47,6 +47,11 @@ class DatasetParams(_Section):
     categories: list[str] = Field(default_factory=lambda: ["tiles", "widget"], min_length=1)
     image_size: int = Field(96, gt=0, description="square side the images are resized to (the paper: 256)")
     val_fraction: float = Field(0.2, ge=0.0, lt=1.0, description="share of train/good held out as val")
+    exclude: list[str] = Field(
+        default_factory=list, description="images left out of the dataset, as glob patterns relative to dataset.root (e.g. "
+        "'01/test/ko/0001.bmp', '*/train/ok/00[0-4]*.bmp'): known mislabelled images, such as the BTAD images the paper "
+        "removes without naming them; a pattern matching nothing is an error",
+    )
     min_train_images: int = Field(8, ge=1, description="validation gate: fewest training images a category may have")
     require_masks: bool = Field(True, description="validation gate: every defect image needs a pixel mask")
 
@@ -84,6 +89,15 @@ class ModelParams(_Section):
         False,
         description="add the authors' release term: flattened cosine distance T(I_a) vs E(I_a) (not in eq. 1-3)",
     )
+    teacher_mask: Literal["direct", "cascade"] = Field(
+        "direct", description="the synthetic mask at each feature scale of the teacher loss: direct = resized from full size "
+        "to each scale (bilinear, > 0.5); cascade = the authors' release: full -> 1/4 -> 1/8 -> 1/16, each step bilinear with "
+        "align_corners and >= 0.5",
+    )
+    blur_border: Literal["mirror", "reflect"] = Field(
+        "mirror", description="border of the anomaly map's Gaussian blur: mirror (scipy mode 'mirror', the edge pixel not repeated) "
+        "or reflect (scipy mode 'reflect', the edge pixel repeated: the authors' release)",
+    )
     blur_sigma: float = Field(1.5, ge=0.0, description="Gaussian blur of the anomaly map, in pixels of the input (paper: 4 at 256 px; "
                               "the default 1.5 is that scaled to 96 px)")
 
@@ -114,6 +128,13 @@ class TrainParams(_Section):
         "auto", description="data-loading worker processes; auto = a quarter of the cores this process may use (0 on 2 cores, "
         "where workers compete with the math: bench/results/train_profile_cpu.md)",
     )
+    student_passes: Literal["joint", "separate"] = Field(
+        "joint", description="joint = one student pass over the normal and synthetic batches together (BatchNorm statistics over "
+        "both; faster); separate = the authors' release: one pass per batch",
+    )
+    incomplete_batches: Literal["drop", "keep"] = Field(
+        "drop", description="the last, smaller batch of each epoch: drop it, or keep it (the authors' release)"
+    )
     selection: Literal["last", "val_score"] = Field(
         "last", description="checkpoint kept: the last one, or the lowest mean anomaly score on the val split"
     )
@@ -128,6 +149,11 @@ class SynthesisParams(_Section):
     perlin_scale_exponents: tuple[int, int] = Field((0, 6), description="Perlin scale 2^k per axis, k in [lo, hi)")
     threshold: float = Field(0.5, description="Perlin noise above this becomes the anomaly mask")
     max_rotation: float = Field(90.0, ge=0, le=180, description="noise rotated uniformly within +-this many degrees")
+    redraw_empty_masks: bool = Field(
+        True, description="draw a sample's mask again when it comes out empty, so every synthetic image holds an anomaly; false = "
+        "the authors' release (an empty mask leaves that sample normal)",
+    )
+    texture_flips: bool = Field(True, description="random horizontal flips and transposes of the textures; false = the authors' release")
     dtd_root: str = Field("data/raw/dtd", description="DTD folder (images/<class>/*.jpg); procedural textures when absent")
     foreground: dict[str, str] = Field(
         default_factory=dict, description="per-category foreground method: none | otsu | otsu_inv | grabcut | threshold:<0-255> "

@@ -56,9 +56,16 @@ def _inspect(record: Record) -> dict:
     return row
 
 
-def build_manifest(name: str, root: str | Path, category: str, val_fraction: float, progress: bool = True) -> pd.DataFrame:
-    """Read one category's layout and inspect every file -> manifest DataFrame (columns: COLUMNS)."""
+def build_manifest(name: str, root: str | Path, category: str, val_fraction: float, progress: bool = True,
+                   exclude: list[str] | tuple[str, ...] = ()) -> pd.DataFrame:
+    """Read one category's layout and inspect every file -> manifest DataFrame (columns: COLUMNS).
+
+    ``exclude``: glob patterns, relative to the dataset root (``dataset.exclude``), of images left
+    out, e.g. known mislabelled ones; a pattern that matches no image of the layout is an error, so
+    a typo cannot silently keep an image in."""
     records = read_layout(name, root, category)
+    if exclude:
+        records = _without(records, Path(root), category, list(exclude))
     rows = []
     for record in tqdm(records, desc=f"manifest {category}", unit="img", disable=not progress):
         split = record.split
@@ -66,6 +73,19 @@ def build_manifest(name: str, root: str | Path, category: str, val_fraction: flo
             split = "val"
         rows.append({**record.__dict__, "split": split, **_inspect(record)})
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def _without(records: list[Record], root: Path, category: str, patterns: list[str]) -> list[Record]:
+    from fnmatch import fnmatchcase
+
+    relative = [Path(r.path).resolve().relative_to(root.resolve()).as_posix() if Path(r.path).resolve().is_relative_to(root.resolve())
+                else Path(r.path).as_posix() for r in records]
+    mine = [p for p in patterns if p.split("/", 1)[0] in (category, "*")]
+    unused = [p for p in mine if p.split("/", 1)[0] == category and not any(fnmatchcase(rel, p) for rel in relative)]
+    if unused:
+        raise ValueError(f"dataset.exclude: {', '.join(unused)} matches no image of {category} under {root}. Patterns are relative "
+                         f"to dataset.root, e.g. '{relative[0] if relative else category + '/test/ko/0001.bmp'}'; fix or remove them.")
+    return [r for r, rel in zip(records, relative) if not any(fnmatchcase(rel, p) for p in mine)]
 
 
 def read_manifest(path: str | Path) -> pd.DataFrame:
@@ -90,4 +110,4 @@ def ingest_category(params, category: str, progress: bool = True) -> pd.DataFram
         if not root.exists():
             generate_demo(root, DemoSpec(seed=p.seed))
         require_current_version(root)
-    return build_manifest(p.dataset.name, root, category, p.dataset.val_fraction, progress)
+    return build_manifest(p.dataset.name, root, category, p.dataset.val_fraction, progress, p.dataset.exclude)

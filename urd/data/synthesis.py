@@ -8,7 +8,8 @@ For a batch of normal images I_n in [0, 1] (B x 3 x H x W) on any device:
 3. I_a = (1 - M) * I_n + (1 - beta) * (M * I_n) + beta * (M * I_t)          (eq. 7)
    with I_t a random texture image and beta ~ U(beta_range) per sample.
 
-Samples whose mask came out empty are drawn again, so every sample carries an anomaly. Everything runs as tensor ops over
+Samples whose mask came out empty are drawn again, so every sample carries an anomaly
+(``redraw_empty_masks``; the authors' release leaves them normal). Everything runs as tensor ops over
 the whole batch on the training device; nothing loops over samples in Python.
 """
 
@@ -109,7 +110,8 @@ class AnomalySynthesizer:
         lo, hi = p.perlin_scale_exponents
         masks = torch.zeros(n, 1, *shape, device=self.device)
         todo = torch.arange(n, device=self.device)
-        for attempt in range(MAX_REDRAWS + 1):
+        attempts = MAX_REDRAWS + 1 if p.redraw_empty_masks else 1
+        for attempt in range(attempts):
             k = len(todo)
             res_y = 2 ** torch.randint(lo, hi, (k,), generator=self.generator, device=self.device)
             res_x = 2 ** torch.randint(lo, hi, (k,), generator=self.generator, device=self.device)
@@ -119,7 +121,7 @@ class AnomalySynthesizer:
             if fg is not None:
                 noise = noise * fg
             threshold = torch.full((k, 1, 1, 1), p.threshold, device=self.device)
-            if attempt == MAX_REDRAWS:
+            if p.redraw_empty_masks and attempt == MAX_REDRAWS:
                 # Last resort (e.g. a tiny foreground): lower the threshold to keep the strongest noise.
                 peak = noise.flatten(1).amax(1).view(k, 1, 1, 1)
                 threshold = torch.minimum(threshold, 0.9 * peak)
@@ -144,14 +146,15 @@ class AnomalySynthesizer:
         return anomalous, mask
 
     def texture_batch(self, n: int, shape: tuple[int, int]) -> Tensor:
-        """n random textures with random flips and 90-degree turns, resized to ``shape`` if needed."""
+        """n random textures (with ``texture_flips``: random flips and transposes), resized to ``shape`` if needed."""
         idx = torch.randint(0, self.textures.shape[0], (n,), generator=self.generator, device=self.device)
         tex = self.textures[idx]
-        flip = torch.rand(n, generator=self.generator, device=self.device) < 0.5
-        tex[flip] = tex[flip].flip(-1)
-        if tex.shape[-1] == tex.shape[-2]:
-            turn = torch.rand(n, generator=self.generator, device=self.device) < 0.5
-            tex[turn] = tex[turn].transpose(-1, -2)
+        if self.params.texture_flips:
+            flip = torch.rand(n, generator=self.generator, device=self.device) < 0.5
+            tex[flip] = tex[flip].flip(-1)
+            if tex.shape[-1] == tex.shape[-2]:
+                turn = torch.rand(n, generator=self.generator, device=self.device) < 0.5
+                tex[turn] = tex[turn].transpose(-1, -2)
         tex = tex.float()
         if self.textures.dtype == torch.uint8:
             tex.mul_(1 / 255)

@@ -98,15 +98,16 @@ class EpochBatchSampler(Sampler[list[int]]):
 
     Batch ``k`` is a function of (seed, k) alone: epoch ``k // per_epoch`` is a permutation drawn
     from a generator seeded with (seed, epoch), so a resumed run sees exactly the batches an
-    uninterrupted one would have. Incomplete last batches of an epoch are dropped.
+    uninterrupted one would have. The incomplete last batch of an epoch is dropped, or with
+    ``keep_incomplete`` (the authors' release) kept.
     """
 
-    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_batch: int = 0) -> None:
+    def __init__(self, num_items: int, batch_size: int, seed: int = 0, start_batch: int = 0, keep_incomplete: bool = False) -> None:
         if num_items == 0:
             raise ValueError("no training images: the train split is empty (check the manifest and dataset.val_fraction)")
         self.num_items = num_items
         self.batch_size = min(batch_size, num_items)
-        self.per_epoch = num_items // self.batch_size
+        self.per_epoch = -(-num_items // self.batch_size) if keep_incomplete else num_items // self.batch_size
         self.seed = seed
         self.start_batch = start_batch
 
@@ -121,10 +122,11 @@ class EpochBatchSampler(Sampler[list[int]]):
 
 
 def train_batches(
-    dataset: TrainDataset, batch_size: int, num_workers: int = 2, seed: int = 0, start_batch: int = 0, pin_memory: bool = False
+    dataset: TrainDataset, batch_size: int, num_workers: int = 2, seed: int = 0, start_batch: int = 0, pin_memory: bool = False,
+    keep_incomplete: bool = False,
 ) -> Iterator[dict[str, Tensor]]:
     """Endless training batches from ``start_batch`` on (see :class:`EpochBatchSampler`)."""
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_batch)
+    sampler = EpochBatchSampler(len(dataset), batch_size, seed, start_batch, keep_incomplete)
     loader = DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers, pin_memory=pin_memory)
     return iter(loader)
 

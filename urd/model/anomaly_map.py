@@ -21,34 +21,47 @@ class GaussianBlur(nn.Module):
     """Separable Gaussian blur of a B x 1 x H x W map as two convolutions.
 
     Written in torch rather than calling scipy/OpenCV so that it is part of the exported
-    TorchScript/ONNX graph. Borders are reflected without repeating the edge pixel, which equals
-    scipy.ndimage.gaussian_filter(..., mode="mirror", truncate=4.0).
+    TorchScript/ONNX graph. Equal to scipy.ndimage.gaussian_filter(..., truncate=4.0) with
+    ``mode=border``: ``mirror`` reflects without repeating the edge pixel, ``reflect`` (the authors'
+    release) repeats it.
     """
 
-    def __init__(self, sigma: float) -> None:
+    def __init__(self, sigma: float, border: str = "mirror") -> None:
         super().__init__()
+        if border not in ("mirror", "reflect"):
+            raise ValueError(f"blur border must be 'mirror' or 'reflect' (got {border!r})")
         kernel = gaussian_kernel1d(sigma) if sigma > 0 else torch.ones(1)
         self.radius = (kernel.numel() - 1) // 2
+        self.border = border
         self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1), persistent=False)
         self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1), persistent=False)
+        # reflect: the first / last r pixels in reverse order, gathered with constant indices (exportable)
+        self.register_buffer("head", torch.arange(self.radius - 1, -1, -1), persistent=False)
+
+    def _pad(self, x: Tensor, dim: int) -> Tensor:
+        r = self.radius
+        if self.border == "mirror":
+            return F.pad(x, (r, r, 0, 0) if dim == 3 else (0, 0, r, r), mode="reflect")
+        n = x.shape[dim]
+        tail = n - 1 - torch.arange(r, device=x.device)  # n-1, ..., n-r
+        return torch.cat([x.index_select(dim, self.head), x, x.index_select(dim, tail)], dim=dim)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.radius == 0:
             return x
-        r = self.radius
-        x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), self.kernel_x)
-        return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), self.kernel_y)
+        x = F.conv2d(self._pad(x, 3), self.kernel_x)
+        return F.conv2d(self._pad(x, 2), self.kernel_y)
 
 
 class AnomalyMap(nn.Module):
     """[F_T^1..3], [F_S^1..3] -> anomaly map B x 1 x H x W (fp32) at the input resolution."""
 
-    def __init__(self, image_size: int, sigma: float = 4.0) -> None:
+    def __init__(self, image_size: int, sigma: float = 4.0, border: str = "mirror") -> None:
         super().__init__()
         if sigma > 0 and int(4.0 * sigma + 0.5) >= image_size:
             raise ValueError(f"blur sigma {sigma} is too large for image size {image_size}")
         self.image_size = image_size
-        self.blur = GaussianBlur(sigma)
+        self.blur = GaussianBlur(sigma, border)
 
     def scale_maps(self, teacher: list[Tensor], student: list[Tensor]) -> list[Tensor]:
         """Each scale's 1 - cos(F_T, F_S), upsampled to the input: a list of B x 1 x H x W, unblurred."""

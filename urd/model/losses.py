@@ -24,16 +24,22 @@ def flat_cosine_distance(a: Tensor, b: Tensor) -> Tensor:
         return (1.0 - F.cosine_similarity(a.float().flatten(1), b.float().flatten(1), dim=1)).mean()
 
 
-def mask_at_scale(mask: Tensor, size: tuple[int, int]) -> Tensor:
-    """M^i: the B x 1 x H x W mask resized to one feature scale and binarised at 0.5 -> B x h x w.
+def teacher_masks(mask: Tensor, sizes: list[tuple[int, int]], mode: str = "direct") -> list[Tensor]:
+    """M^i at each feature scale (largest first): the B x 1 x H x W mask -> B x h x w binary masks.
 
-    The full-resolution mask is resized to each scale directly. The authors' release instead
-    downsamples in a cascade (full -> 1/4 -> 1/8 -> 1/16, re-binarised at every step); the paper
-    only says M is resized. Both are defensible; ours gives each scale the footprint of the anomaly
-    at that scale without compounding the rounding of the scale above (1-5% of the mask pixels
-    differ between the two)."""
-    resized = F.interpolate(mask.float(), size=size, mode="bilinear", align_corners=False)
-    return (resized > 0.5).float().squeeze(1)
+    ``direct``: the full-resolution mask resized to each scale (bilinear) and binarised at 0.5, so
+    each scale gets the footprint of the anomaly at that scale without compounding the rounding of
+    the scale above; the paper only says M is resized. ``cascade``: the authors' release, full ->
+    first scale -> second -> third, each step bilinear with align_corners and kept where >= 0.5."""
+    if mode == "direct":
+        return [(F.interpolate(mask.float(), size=size, mode="bilinear", align_corners=False) > 0.5).float().squeeze(1) for size in sizes]
+    if mode != "cascade":
+        raise ValueError(f"teacher mask mode must be 'direct' or 'cascade' (got {mode!r})")
+    masks, current = [], mask.float()
+    for size in sizes:
+        current = (F.interpolate(current, size=size, mode="bilinear", align_corners=True) >= 0.5).float()
+        masks.append(current.squeeze(1))
+    return masks
 
 
 def teacher_loss(
@@ -42,6 +48,7 @@ def teacher_loss(
     expert_normal: list[Tensor],
     mask: Tensor,
     expert_anomalous: list[Tensor] | None = None,
+    mask_mode: str = "direct",
 ) -> Tensor:
     """L_TE = L_TE^n + L_TE^a (eq. 2-3), summed over the three scales.
 
@@ -49,11 +56,11 @@ def teacher_loss(
     L_TE^a asks the distance between T(I_a) and E(I_n) to equal the mask (1 inside the anomaly,
     0 outside). With ``expert_anomalous`` the authors' release term is added: the flattened cosine
     distance between T(I_a) and E(I_a), which keeps the teacher's global response to I_a close to
-    the expert's.
+    the expert's. ``mask_mode``: how M reaches each scale (:func:`teacher_masks`).
     """
     loss = teacher_normal[0].new_zeros((), dtype=torch.float32)
-    for i, (t_n, t_a, e_n) in enumerate(zip(teacher_normal, teacher_anomalous, expert_normal)):
-        m = mask_at_scale(mask, t_n.shape[-2:])
+    masks = teacher_masks(mask, [tuple(t.shape[-2:]) for t in teacher_normal], mask_mode)
+    for i, (t_n, t_a, e_n, m) in enumerate(zip(teacher_normal, teacher_anomalous, expert_normal, masks)):
         loss = loss + cosine_distance_map(t_n, e_n).mean()
         loss = loss + (cosine_distance_map(t_a, e_n) - m).abs().mean()
         if expert_anomalous is not None:

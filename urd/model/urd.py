@@ -74,11 +74,12 @@ class URD(InferenceGraph):
         blur_sigma: float = 4.0,
         teacher_batchnorm: str = "train",
         student_width: int = 1,
+        blur_border: str = "mirror",
     ) -> None:
         if image_size % 32:
             raise ValueError(f"image_size must be a multiple of 32 (got {image_size})")
         teacher = build_encoder(backbone, weights)
-        super().__init__(teacher, Student(backbone, gii, student_width), AnomalyMap(image_size, blur_sigma))
+        super().__init__(teacher, Student(backbone, gii, student_width), AnomalyMap(image_size, blur_sigma, blur_border))
         self.backbone = backbone
         if teacher_batchnorm not in ("train", "frozen"):
             raise ValueError(f"teacher_batchnorm must be 'train' or 'frozen' (got {teacher_batchnorm!r})")

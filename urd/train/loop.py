@@ -80,7 +80,7 @@ def train_category(
 
     num_workers = resolve_num_workers(tp.num_workers)
     batches = train_batches(TrainDataset(train_paths, p.dataset.image_size, foreground), tp.batch_size, num_workers, seed=p.seed,
-                            start_batch=run.iteration, pin_memory=device.type == "cuda")
+                            start_batch=run.iteration, pin_memory=device.type == "cuda", keep_incomplete=tp.incomplete_batches == "keep")
     model.train()  # the teacher stays in eval mode when frozen
     teacher_features = None if model.teacher_trainable else FrozenFeatureCache(len(train_paths))
     expert_features = None if model.expert is None else FrozenFeatureCache(len(train_paths))
@@ -107,7 +107,7 @@ def train_category(
                 with phase("expert"):
                     expert_normal = expert_features(model.expert, normal, batch["index"], autocast())
             losses = train_step(model, optimizers, normal, anomalous, mask, p.model.teacher_synthetic_term, autocast(),
-                                teacher_normal, expert_normal)
+                                teacher_normal, expert_normal, p.model.teacher_mask, tp.student_passes)
             if not all(math.isfinite(v) for v in losses.values()):
                 raise FloatingPointError(f"loss became {losses} at iteration {iteration + 1}; lower the learning rates or use precision fp32")
             bar.update(1, losses)

@@ -122,6 +122,8 @@ def train_step(
     autocast: contextlib.AbstractContextManager | None = None,
     teacher_normal: list[Tensor] | None = None,
     expert_normal: list[Tensor] | None = None,
+    teacher_mask: str = "direct",
+    student_passes: str = "joint",
 ) -> dict[str, float]:
     """One step in the order of the authors' release (https://github.com/hito2448/URD at commit 95dd027):
 
@@ -130,14 +132,18 @@ def train_step(
        on its own optimizer;
     3. teacher switched to eval mode, its features recomputed without gradient;
     4. student (bottleneck + decoder + GII) step on L_S, on its own optimizer; the student sees
-       I_n and I_a in one pass (:func:`student_pass`), where the release runs it once per batch.
+       I_n and I_a in one pass (:func:`student_pass`), or, with ``student_passes="separate"``, once
+       per batch as the release does.
 
     ``anomalous``/``mask`` are None for plain RD (no denoising). Returns the losses as floats.
     ``autocast`` (bf16) covers the networks; losses and cosines are computed in fp32.
     ``teacher_normal`` / ``expert_normal``: the frozen teacher's / the expert's features of
     ``normal`` when they are already known (:class:`FrozenFeatureCache`); a trainable teacher's
     change every step, so passing them then is an error, as is passing expert features without an expert.
+    ``teacher_mask``: how the mask reaches each scale of L_TE (urd.model.losses.teacher_masks).
     """
+    if student_passes not in ("joint", "separate"):
+        raise ValueError(f"student_passes must be 'joint' or 'separate' (got {student_passes!r})")
     if teacher_normal is not None and optimizers.teacher is not None:
         raise ValueError("teacher_normal can only be passed when the teacher is frozen (model.expert: false)")
     if expert_normal is not None and model.expert is None:
@@ -161,7 +167,7 @@ def train_step(
         with phase("teacher_forward"):
             with autocast:
                 teacher_n, teacher_a = model.teacher(normal), model.teacher(anomalous)
-            loss_t = teacher_loss(teacher_n, teacher_a, expert_normal, mask, expert_anomalous)
+            loss_t = teacher_loss(teacher_n, teacher_a, expert_normal, mask, expert_anomalous, teacher_mask)
         losses["teacher"] = _update(optimizers.teacher, loss_t, "teacher")
 
     model.teacher.eval()
@@ -172,7 +178,11 @@ def train_step(
 
     with phase("student_forward"):
         with autocast:
-            student_normal, student_anomalous = student_pass(model, teacher_normal, teacher_anomalous)
+            if student_passes == "joint":
+                student_normal, student_anomalous = student_pass(model, teacher_normal, teacher_anomalous)
+            else:
+                student_normal = model.student(teacher_normal)
+                student_anomalous = None if teacher_anomalous is None else model.student(teacher_anomalous)
         loss_s = student_loss(student_normal, student_anomalous, teacher_normal, expert_normal)
     losses["student"] = _update(optimizers.student, loss_s, "student")
     return losses
