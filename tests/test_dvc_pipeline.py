@@ -66,7 +66,7 @@ def test_dvc_reruns_exactly_what_changed(tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     first_run = json.loads((tmp_path / "models" / "widget" / "mlflow_run.json").read_text())["run_id"]
     run = client.get_run(first_run)
-    assert {"test_image_auroc", "image_threshold", "train_teacher"} <= set(run.data.metrics), run.data.metrics.keys()
+    assert {"test_image_auroc", "image_threshold", "train_student"} <= set(run.data.metrics), run.data.metrics.keys()
     assert run.data.tags["dvc_data_md5"].endswith(".dir") and run.data.tags["git_commit"]
     assert client.get_model_version_by_alias("urd-demo-widget", "candidate").run_id == first_run
 
