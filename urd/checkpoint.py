@@ -109,5 +109,7 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    return torch.load(path, map_location="cpu", weights_only=True)
+def load_checkpoint(path: str | Path, mmap: bool = False) -> dict[str, Any]:
+    """A training checkpoint; ``mmap``: its tensors are mapped, not read, until used (for a look at
+    its iteration and fingerprints before deciding whether to resume)."""
+    return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

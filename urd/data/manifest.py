@@ -78,8 +78,9 @@ def build_manifest(name: str, root: str | Path, category: str, val_fraction: flo
 def _without(records: list[Record], root: Path, category: str, patterns: list[str]) -> list[Record]:
     from fnmatch import fnmatchcase
 
-    relative = [Path(r.path).resolve().relative_to(root.resolve()).as_posix() if Path(r.path).resolve().is_relative_to(root.resolve())
-                else Path(r.path).as_posix() for r in records]
+    base = root.resolve()
+    resolved = [Path(r.path).resolve() for r in records]
+    relative = [p.relative_to(base).as_posix() if p.is_relative_to(base) else p.as_posix() for p in resolved]
     mine = [p for p in patterns if p.split("/", 1)[0] in (category, "*")]
     unused = [p for p in mine if p.split("/", 1)[0] == category and not any(fnmatchcase(rel, p) for rel in relative)]
     if unused:

@@ -36,15 +36,15 @@ class GaussianBlur(nn.Module):
         self.register_buffer("kernel_x", kernel.view(1, 1, 1, -1), persistent=False)
         self.register_buffer("kernel_y", kernel.view(1, 1, -1, 1), persistent=False)
         # reflect: the first / last r pixels in reverse order, gathered with constant indices (exportable)
-        self.register_buffer("head", torch.arange(self.radius - 1, -1, -1), persistent=False)
+        self.register_buffer("reverse", torch.arange(self.radius - 1, -1, -1), persistent=False)
 
     def _pad(self, x: Tensor, dim: int) -> Tensor:
         r = self.radius
         if self.border == "mirror":
             return F.pad(x, (r, r, 0, 0) if dim == 3 else (0, 0, r, r), mode="reflect")
-        n = x.shape[dim]
-        tail = n - 1 - torch.arange(r, device=x.device)  # n-1, ..., n-r
-        return torch.cat([x.index_select(dim, self.head), x, x.index_select(dim, tail)], dim=dim)
+        head = x.narrow(dim, 0, r).index_select(dim, self.reverse)
+        tail = x.narrow(dim, x.shape[dim] - r, r).index_select(dim, self.reverse)
+        return torch.cat([head, x, tail], dim=dim)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.radius == 0:

@@ -46,7 +46,7 @@ def plan_training(params: Params, category: str, manifest: pd.DataFrame, out_dir
     data = data_fingerprint(manifest)
     checkpoint_path = out_dir / "checkpoints" / "last.pt"
     if checkpoint_path.exists():
-        state = load_checkpoint(checkpoint_path)
+        state = load_checkpoint(checkpoint_path, mmap=True)  # only its fingerprints and iteration are read
         problem = resume_problem(state, checkpoint_path, params_json, data)
         if problem is None:
             total = params.for_category(category).train.iterations
