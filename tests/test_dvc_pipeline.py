@@ -17,6 +17,8 @@ from urd.config import Params
 REPO = Path(__file__).resolve().parents[1]
 TINY = {
     "seed": 0,
+    # a random resnet18 trains in a fraction of the pretrained default's time; these tests check orchestration, not quality
+    "model": {"backbone": "resnet18", "weights": "none"},
     "dataset": {"name": "demo", "root": "data/raw/demo", "categories": ["tiles", "widget"], "image_size": 64, "val_fraction": 0.2, "min_train_images": 4},
     "train": {"iterations": 2, "batch_size": 2, "checkpoint_every": 2, "num_workers": 0},
     "synthesis": {"foreground": {"widget": "otsu"}},

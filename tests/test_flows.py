@@ -104,6 +104,8 @@ def test_serve_refuses_to_start_without_a_server(monkeypatch):
 
 TINY = {
     "seed": 0,
+    # a random resnet18 trains in a fraction of the pretrained default's time; these tests check orchestration, not quality
+    "model": {"backbone": "resnet18", "weights": "none"},
     "dataset": {"categories": ["tiles", "widget"], "image_size": 64, "min_train_images": 4},
     "train": {"iterations": 2, "batch_size": 2, "checkpoint_every": 2, "num_workers": 0},
     "synthesis": {"foreground": {"widget": "otsu"}},
