@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from urd.files import atomic_write_text
+from urd.files import atomic_write_text, registered_name
 
 CARD_JSON = "model_card.json"
 CARD_MD = "model_card.md"
@@ -23,10 +23,6 @@ METRIC_NAMES = {
     "image_auroc": "Image AUROC (95% CI)", "image_ap": "Image AP", "image_f1_max": "Image F1-max",
     "pixel_auroc": "Pixel AUROC", "pixel_ap": "Pixel AP", "pixel_aupro": "AUPRO (FPR <= 0.3)", "pixel_f1_max": "Pixel F1-max",
 }
-
-
-def registered_name(dataset: str, category: str) -> str:
-    return f"urd-{dataset}-{category}"
 
 
 def _method(arch: dict[str, Any]) -> str:

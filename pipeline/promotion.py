@@ -36,7 +36,7 @@ from typing import Iterator
 from urd.config import Params, PromoteParams
 
 from . import tracking
-from .model_card import registered_name
+from urd.files import registered_name
 from .registry import CANDIDATE
 from .layout import paths
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import pandas as pd
 
-from .model_card import registered_name
+from urd.files import registered_name
 
 CANDIDATE = "candidate"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")

@@ -142,6 +142,7 @@ def package(params: Params, category: str) -> None:
     import mlflow
 
     from urd.data.manifest import read_manifest
+    from urd.challenge import write_challenge_set
     from urd.export import add_int8_graph, export_bundle
 
     from . import tracking
@@ -159,6 +160,7 @@ def package(params: Params, category: str) -> None:
         export_bundle(out["model"], out["bundle"], p.package.formats, p.package.onnx_opset, metrics=metrics, lineage=lineage, overwrite=True)
         if p.package.quantize == "int8":
             add_int8_graph(out["bundle"], manifest, p.dataset.image_size)
+        write_challenge_set(out["bundle"], manifest, seed=p.seed)
         card_json, card_md = write_model_card(out["bundle"], manifest)
         mlflow.log_artifact(str(card_md), "model_card")
         mlflow.log_artifact(str(card_json), "model_card")

@@ -17,7 +17,7 @@ from typing import Any
 from urd.config import Params
 
 from . import tracking
-from .model_card import registered_name
+from urd.files import registered_name
 from .promotion import PRODUCTION, TAG, _version, mlflow_errors
 from .registry import CANDIDATE
 from .workspace import changed_categories

@@ -3,6 +3,10 @@
 * Without labelled anomalies: the image threshold is the (1 - ``target_fpr``) quantile of the val
   normals' image scores, the pixel threshold the (1 - ``pixel_target_fpr``) quantile of their
   pixels; a normal part is then flagged at about the target rate.
+* The review threshold, the lower edge of the review band, is the (1 - ``review_target_fpr``)
+  quantile of the val normals' image scores (never above the image threshold): a part scoring
+  below it is accepted, from it up to the image threshold it goes to a reviewer, at or above the
+  image threshold it is rejected (:func:`decide`).
 * With a labelled calibration set (defect images the user provides, never test images): the
   F1-optimal thresholds on val normals + those defects.
 
@@ -28,6 +32,22 @@ from .metrics import binary_curve, curve_f1_max
 def normalize_scores(scores: np.ndarray, threshold: float, low: float, high: float) -> np.ndarray:
     """Map ``threshold`` to 0.5 and clip to [0, 1] (works for image scores and anomaly maps)."""
     return np.clip((np.asarray(scores, np.float64) - threshold) / max(high - low, 1e-12) + 0.5, 0.0, 1.0)
+
+
+DECISIONS = ("accept", "review", "reject")
+
+
+def decide(score: float, review_threshold: float, image_threshold: float) -> str:
+    """The three-way decision of an image score: reject at or above ``image_threshold``, review at
+    or above ``review_threshold``, accept below."""
+    if score >= image_threshold:
+        return "reject"
+    return "review" if score >= review_threshold else "accept"
+
+
+def review_threshold(calibration: dict[str, Any]) -> float:
+    """The review band's lower edge of a calibration (older calibrations have none: no band)."""
+    return float(calibration.get("review_threshold", calibration["image_threshold"]))
 
 
 def calibrate(
@@ -59,11 +79,14 @@ def calibrate(
         else:
             pixel_threshold = float(np.quantile(val_maps.ravel(), 1 - params.pixel_target_fpr, method="higher"))
         method = "f1_calibration_set"
+    review = min(float(np.quantile(val_scores, 1 - params.review_target_fpr, method="higher")), float(image_threshold))
     return {
         "method": method,
         "target_fpr": params.target_fpr,
         "pixel_target_fpr": params.pixel_target_fpr,
         "image_threshold": float(image_threshold),
+        "review_target_fpr": params.review_target_fpr,
+        "review_threshold": review,
         "pixel_threshold": float(pixel_threshold),
         "image_min": float(all_scores.min()),
         "image_max": float(max(all_scores.max(), image_threshold)),
@@ -73,6 +96,9 @@ def calibrate(
         "image_fpr_resolution": 1.0 / len(val_scores),
         "calibration_anomalies": 0 if anomaly_scores is None else int(len(anomaly_scores)),
         "val_false_positive_rate": float((val_scores >= image_threshold).mean()),
+        "val_review_rate": float(((val_scores >= review) & (val_scores < image_threshold)).mean()),
+        # the reference distribution a service compares the line's scores with
+        "val_scores": [round(float(s), 6) for s in np.sort(val_scores)],
     }
 
 

@@ -14,8 +14,15 @@ ONNX_FILE = "model.onnx"
 INT8_ONNX_FILE = "model.int8.onnx"
 TORCHSCRIPT_FILE = "model.torchscript"
 METADATA_FILE = "metadata.json"
+CHALLENGE_DIR = "challenge"  # golden samples (urd.challenge): images at the model's size
+CHALLENGE_FILE = "challenge.json"  # their recorded scores and decisions per format
 # 2: the graph takes RGB in [0, 1] and normalises inside (1 took inputs normalised outside)
 BUNDLE_FORMAT = "urd-bundle/2"
+
+
+def registered_name(dataset: str, category: str) -> str:
+    """A category's model in the MLflow Model Registry."""
+    return f"urd-{dataset}-{category}"
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

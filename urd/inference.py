@@ -14,7 +14,7 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from .calibrate import normalize_scores
+from .calibrate import decide, normalize_scores, review_threshold
 from .checkpoint import load_model
 from .files import BUNDLE_FORMAT, CALIBRATION_FILE, INT8_ONNX_FILE, METADATA_FILE, ONNX_FILE
 from .data.images import ImageReadError, read_image, resize_image
@@ -30,7 +30,8 @@ class Prediction:
     path: str
     score: float = float("nan")
     normalized_score: float = float("nan")
-    is_anomalous: bool | None = None
+    is_anomalous: bool | None = None  # decision == "reject"
+    decision: str = ""  # accept | review | reject ("" uncalibrated or unreadable)
     error: str = ""
     anomaly_map: np.ndarray | None = field(default=None, repr=False)  # S x S, raw scale
     original_size: tuple[int, int] = (0, 0)  # (height, width)
@@ -108,12 +109,13 @@ class Predictor:
             raise ValueError("no images to score")
         return score_rows(self.scorer, rows, self.image_size, batch_size, progress)
 
-    def decide(self, score: float) -> tuple[float, bool | None]:
-        """(normalised score, is anomalous) at the calibrated threshold; (nan, None) uncalibrated."""
+    def decide(self, score: float) -> tuple[float, str]:
+        """(normalised score, accept | review | reject) at the calibrated thresholds; (nan, "") uncalibrated."""
         if self.calibration is None:
-            return float("nan"), None
+            return float("nan"), ""
         c = self.calibration
-        return float(normalize_scores(score, c["image_threshold"], c["image_min"], c["image_max"])), bool(score >= c["image_threshold"])
+        normalized = float(normalize_scores(score, c["image_threshold"], c["image_min"], c["image_max"]))
+        return normalized, decide(score, review_threshold(c), c["image_threshold"])
 
     def predict(self, paths: list[str | Path], batch_size: int = 8, progress: bool = False) -> list[Prediction]:
         results = [Prediction(str(p)) for p in paths]
@@ -134,7 +136,8 @@ class Predictor:
             for j, i in enumerate(chunk):
                 results[i].score = float(scores[j])
                 results[i].anomaly_map = maps[j]
-                results[i].normalized_score, results[i].is_anomalous = self.decide(results[i].score)
+                results[i].normalized_score, results[i].decision = self.decide(results[i].score)
+                results[i].is_anomalous = results[i].decision == "reject" if results[i].decision else None
         return results
 
     def defect_mask(self, prediction: Prediction) -> np.ndarray | None:
@@ -154,7 +157,8 @@ class Predictor:
         rows = []
         vmax = self.calibration["pixel_max"] if self.calibration else None
         for r in results:
-            row = {"path": r.path, "score": r.score, "normalized_score": r.normalized_score, "is_anomalous": r.is_anomalous, "error": r.error,
+            row = {"path": r.path, "score": r.score, "normalized_score": r.normalized_score, "is_anomalous": r.is_anomalous,
+                   "decision": r.decision, "error": r.error,
                    "overlay": "", "mask": ""}
             if not r.error and r.anomaly_map is not None:
                 stem = Path(r.path).stem
