@@ -158,7 +158,7 @@ def calibrate(
     except (ModelFileError, ValueError, OSError) as exc:
         _fail(str(exc))
     console.print(
-        f"image threshold {result['image_threshold']:.4f}, pixel threshold {result['pixel_threshold']:.4f} "
+        f"image threshold {result['image_threshold']:.4f}, review from {result['review_threshold']:.4f}, pixel threshold {result['pixel_threshold']:.4f} "
         f"({result['method']}, {result['val_images']} val images) -> {model / 'calibration.json'}"
     )
 
@@ -218,8 +218,9 @@ def predict(
     results = predictor.predict(paths, batch_size, progress=True)
     predictor.write_outputs(results, out)
     failed = [r for r in results if r.error]
-    flagged = sum(1 for r in results if r.is_anomalous)
-    console.print(f"{len(results) - len(failed)} images scored ({predictor.precision}), {flagged} flagged as anomalous -> {out / 'predictions.csv'}")
+    counts = {d: sum(1 for r in results if r.decision == d) for d in ("reject", "review")}
+    console.print(f"{len(results) - len(failed)} images scored ({predictor.precision}), {counts['reject']} rejected, {counts['review']} for review "
+                  f"-> {out / 'predictions.csv'}")
     if predictor.calibration is None:
         console.print("[yellow]note:[/] the model is not calibrated (`urd calibrate`): no decisions or masks, raw scores only.")
     for r in failed:
@@ -235,15 +236,21 @@ def export(
     params: Path = typer.Option(Path("params.yaml"), help="params file (package section)"),
     overwrite: bool = typer.Option(False, help="replace an existing bundle"),
 ) -> None:
-    """Package the model as a bundle: ONNX + TorchScript graphs, weights and metadata.json."""
+    """Package the model as a bundle: ONNX + TorchScript graphs, weights, metadata.json and, for a
+    calibrated model, its challenge set (golden samples a service checks before serving it)."""
+    from .challenge import write_challenge_set
     from .checkpoint import ModelFileError, read_meta
+    from .data.manifest import read_manifest
     from .export import export_bundle
+    from .files import CALIBRATION_FILE
 
     try:
         meta = read_meta(model)
         _, _, p = _load(params, meta["category"])
         out = out or model / "bundle"
         export_bundle(model, out, p.package.formats, p.package.onnx_opset, overwrite=overwrite)
+        if (model / CALIBRATION_FILE).is_file() and (model / "manifest.csv").is_file():
+            write_challenge_set(out, read_manifest(model / "manifest.csv"), seed=p.seed)
     except (ModelFileError, FileExistsError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"bundle written to {out}")
@@ -301,6 +308,124 @@ def demo_data(
         _fail(str(exc))
     listing = "; ".join(f"{category}: {', '.join(defects)}" for category, defects in CATEGORIES.items())
     console.print(f"demo dataset at {root} (defect types - {listing})")
+
+
+def _bundle_args(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        category, sep, folder = item.partition("=")
+        if not sep or not category or not folder:
+            raise ValueError(f"--bundle {item!r}: write it as CATEGORY=FOLDER (e.g. --bundle widget=bundles/widget)")
+        out[category] = Path(folder)
+    return out
+
+
+@app.command()
+def serve(
+    params: Path = typer.Option(Path("params.yaml"), help="params file (dataset.categories, serve section)"),
+    category: list[str] = typer.Option(None, help="categories to serve (default: all in params.yaml)"),
+    bundle: list[str] = typer.Option(None, help="CATEGORY=FOLDER: serve this bundle folder instead of the registry (registry-free install)"),
+    alias: str = typer.Option(None, help="registry alias to serve (default serve.alias: production; candidate for trials)"),
+    host: str = typer.Option(None, help="interface (default serve.host: 127.0.0.1)"),
+    port: int = typer.Option(None, help="port (default serve.port)"),
+    ledger: str = typer.Option(None, help="ledger URL (default serve.ledger: SQLite in WAL mode); postgresql+psycopg://... for replicas"),
+    precision: str = typer.Option("fp32", help="fp32, or int8 for bundles packaged with package.quantize: int8"),
+) -> None:
+    """The inspection service: every category's model on HTTP, every decision in the ledger, a review page."""
+    import logging
+
+    import uvicorn
+
+    from .runtime import ThreadBudget
+    from .service.app import ServiceConfig, create_app
+    from .service.models import BundleSource, RegistrySource
+    from .service.security import TokenError
+
+    try:
+        cfg = load_params(params)
+        overrides = {k: v for k, v in {"alias": alias, "host": host, "port": port, "ledger": ledger}.items() if v is not None}
+        s = cfg.serve.model_copy(update=overrides)
+        categories = category or cfg.dataset.categories
+        bundles = _bundle_args(bundle or [])
+        if bundles:
+            missing = sorted(set(categories) - set(bundles))
+            if category is None:
+                categories = list(bundles)
+            elif missing:
+                raise ValueError(f"no --bundle for {missing}; give one per served category or serve from the registry")
+            source = BundleSource(bundles)
+        else:
+            source = RegistrySource(cfg.dataset.name, s.alias, Path(s.image_store).parent / ".serve-cache")
+        if precision not in ("fp32", "int8"):
+            raise ValueError(f"--precision {precision!r}: use fp32 or int8")
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        app_ = create_app(ServiceConfig(categories, source, s, precision))
+    except (ConfigError, ValueError, TokenError, OSError) as exc:
+        _fail(str(exc))
+    # ORT sessions take their thread count when they are created: the host's budget (train.threads or
+    # URD_THREADS, else this job's share of the cores), set once here
+    with ThreadBudget(cfg.train.threads) as budget:
+        console.print(f"serving {', '.join(categories)} on http://{s.host}:{s.port} with {budget.current} threads "
+                      f"(ledger {s.ledger}, review page /review)")
+        uvicorn.run(app_, host=s.host, port=s.port, log_level="info", limit_concurrency=s.queue_size * len(categories) + 32,
+                    timeout_graceful_shutdown=10)
+
+
+@app.command()
+def inspect(
+    inputs: list[Path] = typer.Argument(..., help="image files or folders"),
+    server: str = typer.Option(..., help="service URL, e.g. http://127.0.0.1:8600"),
+    category: str = typer.Option(..., help="category of the parts"),
+    token: str = typer.Option(None, help="line token (default: $URD_TOKEN)"),
+    line: str = typer.Option(None, help="production line"),
+    camera: str = typer.Option(None, help="camera"),
+    out: Path = typer.Option(Path("inspections.csv"), help="results table"),
+) -> None:
+    """Send images to a running service; write its decisions as a CSV (path, id, decision, score, ...)."""
+    from .inference import expand_inputs
+    from .service.client import InspectClient, inspect_files, token_from_env
+
+    try:
+        client = InspectClient(server, category, token_from_env(token), line, camera)
+    except ValueError as exc:
+        _fail(str(exc))
+    paths = expand_inputs(inputs)
+    if not paths:
+        _fail(f"no images in {[str(i) for i in inputs]}")
+    try:
+        frame = inspect_files(client, paths, out)
+    finally:
+        client.close()
+    counts = frame["decision"].value_counts().to_dict()
+    failed = frame[frame["error"].fillna("") != ""]
+    console.print(f"{len(frame) - len(failed)} inspected ({', '.join(f'{k}: {v}' for k, v in counts.items() if k)}) -> {out}")
+    for _, r in failed.iterrows():
+        console.print(f"[red]not inspected[/] {r['path']}: {r['error']}", highlight=False)
+    if len(failed):
+        raise typer.Exit(code=1)
+
+
+@app.command()
+def watch(
+    folder: Path = typer.Argument(..., help="the camera's drop folder"),
+    server: str = typer.Option(..., help="service URL"),
+    category: str = typer.Option(..., help="category of the parts"),
+    token: str = typer.Option(None, help="line token (default: $URD_TOKEN)"),
+    line: str = typer.Option(None, help="production line"),
+    camera: str = typer.Option(None, help="camera"),
+    interval: float = typer.Option(1.0, help="seconds between looks at the folder"),
+) -> None:
+    """Inspect every new image dropped in FOLDER once; move it to done/ or failed/ with the answer beside it."""
+    from .service.client import InspectClient, token_from_env, watch as watch_folder
+
+    try:
+        client = InspectClient(server, category, token_from_env(token), line, camera)
+        console.print(f"watching {folder} for {category} -> {server} (Ctrl-C stops; a restart carries on where it left off)")
+        watch_folder(client, folder, interval, log=console.print)
+    except (ValueError, FileNotFoundError) as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        pass
 
 
 def main() -> None:  # pragma: no cover - console entry for `python -m urd`

@@ -30,7 +30,7 @@ DatasetName = Literal["demo", "mvtec", "mpdd", "btad", "visa", "folder"]
 
 # Settings of how a job runs, not of what it computes: a change reruns no DVC stage and does not
 # stop a checkpoint from being resumed.
-RUNTIME_KEYS: dict[str, set[str]] = {"train": {"threads"}}
+RUNTIME_KEYS: dict[str, set[str] | bool] = {"train": {"threads"}, "serve": True}
 
 
 class ConfigError(ValueError):
@@ -194,6 +194,17 @@ class EvaluateParams(_Section):
 class CalibrateParams(_Section):
     target_fpr: float = Field(0.01, gt=0, lt=1, description="share of val normals allowed above the image threshold")
     pixel_target_fpr: float = Field(0.001, gt=0, lt=1, description="share of val normal pixels above the pixel threshold")
+    review_target_fpr: float = Field(
+        0.05, gt=0, lt=1, description="share of val normals at or above the review threshold, the lower edge of the review band: parts "
+        "between it and the image threshold go to a reviewer (accept / review / reject); at least target_fpr",
+    )
+
+    @model_validator(mode="after")
+    def _review_band_is_looser(self) -> CalibrateParams:
+        if self.review_target_fpr < self.target_fpr:
+            raise ValueError(f"review_target_fpr ({self.review_target_fpr}) must be at least target_fpr ({self.target_fpr}): the review "
+                             "band lies below the image threshold")
+        return self
 
 
 class PackageParams(_Section):
@@ -214,6 +225,26 @@ class PromoteParams(_Section):
     min_pixel_auroc: float = Field(0.90, ge=0, description="floor on the candidate's test pixel AUROC (skipped for data without masks)")
     min_aupro: float = Field(0.70, ge=0, description="floor on the candidate's test AUPRO (skipped for data without masks)")
     max_regression: float = Field(0.01, ge=0, le=1, description="largest drop allowed against production, per metric, on the same test images")
+
+
+class ServeParams(_Section):
+    """The inspection service (``urd serve``): where it keeps its record and how it batches and limits."""
+
+    host: str = Field("127.0.0.1", description="interface to bind; put a reverse proxy with TLS in front before binding beyond loopback")
+    port: int = Field(8600, ge=1, le=65535)
+    alias: str = Field("production", description="registry alias served (candidate for trials)")
+    ledger: str = Field("sqlite:///ledger.db", description="SQLAlchemy URL of the ledger: SQLite (WAL) by default, "
+                        "postgresql+psycopg://user@host/db for several replicas")
+    image_store: str = Field("ledger-images", description="folder of the content-addressed image store (sha256 paths)")
+    retention_days: float = Field(90, gt=0, description="stored images older than this are deleted (their records stay)")
+    tokens: str = Field("serve-tokens.json", description="file of role tokens (line, reviewer, admin); written with fresh tokens "
+                        "on first start when missing; URD_TOKENS_LINE / _REVIEWER / _ADMIN override it")
+    max_batch: int = Field(8, ge=1, description="largest micro-batch handed to ONNX Runtime")
+    max_wait_ms: float = Field(4.0, ge=0, description="how long the first request of a batch waits for others")
+    queue_size: int = Field(64, ge=1, description="requests waiting per category before the service answers 503 (Retry-After)")
+    max_upload_bytes: int = Field(20_000_000, ge=1024, description="largest accepted upload")
+    max_pixels: int = Field(40_000_000, ge=64, description="largest accepted image (width x height)")
+    poll_seconds: float = Field(30, gt=0, description="how often the registry alias is checked for a new version")
 
 
 class RetrainParams(_Section):
@@ -246,6 +277,7 @@ class Params(_Section):
     package: PackageParams = Field(default_factory=PackageParams)
     promote: PromoteParams = Field(default_factory=PromoteParams)
     retrain: RetrainParams = Field(default_factory=RetrainParams)
+    serve: ServeParams = Field(default_factory=ServeParams)
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-category values, e.g. {cable: {train: {iterations: 10000}}}"
     )
