@@ -4,7 +4,8 @@ and the bundle folder, and loading runs this file. Nothing is pickled.
 Input: a DataFrame with a binary column ``image`` (the bytes of an encoded image file: PNG, JPEG,
 BMP, TIFF...; base64 in JSON requests to ``mlflow models serve``), any size.
 Output: one row per image with ``score`` (raw anomaly score), ``normalized_score`` (the calibrated
-threshold maps to 0.5), ``is_anomalous``, and with the param ``return_anomaly_map: true`` the
+threshold maps to 0.5), ``is_anomalous`` (the score is at or above the image threshold),
+``decision`` (accept / review / reject at the bundle's two thresholds), and with the param ``return_anomaly_map: true`` the
 anomaly map (S x S, raw scale) as nested lists.
 
 The scores are the bundle's ONNX graph run by urd's Predictor, i.e. the same as
@@ -63,8 +64,8 @@ class URDBundleModel(PythonModel):
         maps, scores = self.predictor.score_arrays(images)
         rows = []
         for i, score in enumerate(scores):
-            normalized, anomalous = self.predictor.decide(float(score))
-            row = {"score": float(score), "normalized_score": normalized, "is_anomalous": anomalous}
+            normalized, decision = self.predictor.decide(float(score))
+            row = {"score": float(score), "normalized_score": normalized, "is_anomalous": decision == "reject", "decision": decision}
             if (params or {}).get("return_anomaly_map"):
                 row["anomaly_map"] = maps[i].tolist()
             rows.append(row)

@@ -31,6 +31,7 @@ def signature():
             ColSpec("double", "score"),
             ColSpec("double", "normalized_score"),
             ColSpec("boolean", "is_anomalous"),
+            ColSpec("string", "decision"),
             ColSpec(Array(Array("double")), "anomaly_map", required=False),
         ]),
         params=ParamSchema([ParamSpec("return_anomaly_map", "boolean", False)]),

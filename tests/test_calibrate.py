@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from urd.calibrate import calibrate, normalize_scores
+from urd.calibrate import calibrate, decide, normalize_scores, review_threshold
 from urd.config import CalibrateParams
 
 
@@ -26,3 +26,16 @@ def test_calibration_with_labelled_anomalies_is_f1_optimal():
     assert c["pixel_threshold"] == pytest.approx(1.0)
     with pytest.raises(ValueError, match="val"):
         calibrate(CalibrateParams(), np.zeros(0), np.zeros((0, 2, 2)))
+
+
+def test_review_band_sits_below_the_image_threshold_at_the_looser_target():
+    val_scores = np.arange(1, 101, dtype=float)  # 1..100
+    c = calibrate(CalibrateParams(target_fpr=0.02, review_target_fpr=0.10), val_scores, np.zeros((100, 2, 2)))
+    # "higher" quantiles: 0.98 -> 99, 0.90 -> 91; at most 2% of val normals reach reject, 10% review or reject
+    assert c["image_threshold"] == pytest.approx(99.0) and c["review_threshold"] == pytest.approx(91.0)
+    assert (val_scores >= c["review_threshold"]).mean() == pytest.approx(0.10)
+    assert [decide(s, review_threshold(c), c["image_threshold"]) for s in (90.9, 91.0, 98.9, 99.0)] == ["accept", "review", "review", "reject"]
+    # a calibration from before the review band: no band, two-way decisions
+    assert review_threshold({"image_threshold": 5.0}) == 5.0 and decide(4.99, 5.0, 5.0) == "accept"
+    with pytest.raises(ValueError, match="review_target_fpr"):
+        CalibrateParams(target_fpr=0.05, review_target_fpr=0.01)

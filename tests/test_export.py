@@ -105,3 +105,36 @@ def test_int8_graph_quantises_the_student_and_keeps_teacher_and_anomaly_map_in_f
     ref_maps, _ = OnnxBundle(copy)(x)
     assert maps.shape == ref_maps.shape and scores.shape == (3,) and np.isfinite(maps).all()
     assert not np.array_equal(maps, ref_maps)  # it is another graph, not the fp32 one
+
+
+def test_the_challenge_set_records_every_format_away_from_the_thresholds_and_catches_a_changed_model(packaged):
+    from urd.challenge import TOLERANCE, check_challenge_set
+    from urd.checkpoint import load_model
+    from urd.scoring import torch_scorer
+
+    bundle = packaged / "bundle"
+    challenge = json.loads((bundle / "challenge.json").read_text())
+    metadata = json.loads((bundle / METADATA_FILE).read_text())
+    assert set(challenge["formats"]) >= {"torch", "onnx"}
+    kinds = [e["kind"] for e in challenge["images"]]
+    assert "normal" in kinds and all((bundle / e["file"]).is_file() for e in challenge["images"])
+    review, image = challenge["thresholds"]
+    assert review <= image == pytest.approx(metadata["thresholds"]["image_threshold"])
+    for e in challenge["images"]:
+        for fmt, score in e["scores"].items():
+            assert min(abs(score - review), abs(score - image)) > TOLERANCE["abs"]  # no decision on a knife edge
+            assert e["decisions"][fmt] == ("reject" if score >= image else "review" if score >= review else "accept")
+
+    onnx = OnnxBundle(bundle, metadata)
+    result = check_challenge_set(bundle, onnx.score, "onnx")
+    assert result.passed and result.images == len(challenge["images"]) and result.max_deviation < 1e-5, result.reason
+    graph, _ = load_model(bundle)
+    assert check_challenge_set(bundle, torch_scorer(graph, torch.device("cpu")), "torch").passed
+
+    def drifted(images):  # a model whose scores moved by more than the tolerance
+        maps, scores = onnx.score(images)
+        return maps, scores * 1.01 + 0.01
+
+    failed = check_challenge_set(bundle, drifted, "onnx")
+    assert not failed.passed and "recorded" in failed.reason and failed.max_deviation > 0.01
+    assert not check_challenge_set(bundle, onnx.score, "tensorrt").passed  # no recorded scores for that format

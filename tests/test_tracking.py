@@ -69,9 +69,10 @@ def test_runs_are_shared_across_stages_and_the_bundle_is_registered(packaged, ml
     files = pd.read_csv(packaged / "report" / "scores.csv")["path"].tolist()[:4]
     out = model.predict(pd.DataFrame({"image": [open(f, "rb").read() for f in files]}))
     expected = Predictor(packaged / "bundle").predict(files)
-    assert list(out.columns[:3]) == ["score", "normalized_score", "is_anomalous"]
+    assert list(out.columns[:4]) == ["score", "normalized_score", "is_anomalous", "decision"]
     for row, ref in zip(out.itertuples(), expected):
         assert row.score == pytest.approx(ref.score, abs=1e-6) and row.is_anomalous == ref.is_anomalous
+        assert row.decision == ref.decision
     with_maps = model.predict(pd.DataFrame({"image": [open(files[0], "rb").read()]}), params={"return_anomaly_map": True})
     assert len(with_maps["anomaly_map"][0]) == 64 and len(with_maps["anomaly_map"][0][0]) == 64
     with pytest.raises(MlflowException, match="row 1"):
