@@ -236,6 +236,7 @@ def test_a_model_failing_its_challenge_set_is_refused_and_the_old_one_keeps_serv
     before = service.book.models["widget"]
     _tamper(bundle)
     assert client.post("/v1/admin/reload", headers=auth("admin")).json() == {"widget": "refused"}
+    assert service.refresh("widget") == "refused"  # a poll neither checks nor records the same refused version again
     assert service.book.models["widget"] is before
     ready = client.get("/readyz").json()
     assert "failed its challenge set" in ready["problems"]["widget"] and "still serving" in ready["problems"]["widget"]

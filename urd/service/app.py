@@ -114,6 +114,7 @@ class Service:
         self.metrics.inference.labels(category).observe(seconds)
 
     def _record(self, jobs: list[Job], maps: np.ndarray, scores: np.ndarray) -> list[Inspection]:
+        started = time.perf_counter()
         items = []
         for job, score in zip(jobs, scores):
             p: Pending = job.payload
@@ -126,6 +127,7 @@ class Service:
                 bundle_digest=model.digest, threshold_version=p.thresholds.version, score=float(score), normalized_score=normalized,
                 decision=decision, latency_ms=(time.perf_counter() - p.started) * 1000))
         rows = self.ledger.add_inspections(items)  # committed before any of these responses is sent
+        self.metrics.record.labels(jobs[0].model.category).observe(time.perf_counter() - started)
         for row in rows:
             self.metrics.decisions.labels(row.category, row.model_version, row.decision).inc()
         return rows
@@ -146,9 +148,9 @@ class Service:
         await self.batcher.stop()
         self.ledger.engine.dispose()
 
-    def refresh(self, category: str) -> str:
+    def refresh(self, category: str, force: bool = False) -> str:
         try:
-            outcome = self.book.refresh(category)
+            outcome = self.book.refresh(category, force)
         except LedgerUnavailable as exc:
             self.book.problems[category] = str(exc)
             return "unavailable"
@@ -190,12 +192,19 @@ class Service:
             if previous is not None:  # a retry of a request already recorded: the same answer, no second record
                 return 200, _record_json(previous) | {"replayed": True}
         s = self.config.serve
+
+        def prepare() -> tuple[np.ndarray, np.ndarray, str]:  # one hop to a worker thread: decode, check, resize, hash
+            decoding = time.perf_counter()
+            image = decode_upload(data, s.max_upload_bytes, s.max_pixels)
+            tensor, digest = model.prepare(image), sha256(data)
+            self.metrics.prepare.labels(category).observe(time.perf_counter() - decoding)
+            return image, tensor, digest
+
         try:
-            image = await run_in_threadpool(decode_upload, data, s.max_upload_bytes, s.max_pixels)
+            image, tensor, digest = await run_in_threadpool(prepare)
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
-        tensor = await run_in_threadpool(model.prepare, image)
-        pending = Pending(data, sha256(data), image.shape[1], image.shape[0], line, camera, part_id, client_key, thresholds, started)
+        pending = Pending(data, digest, image.shape[1], image.shape[0], line, camera, part_id, client_key, thresholds, started)
         try:
             row = await self.batcher.submit(category, model, tensor, pending)
         except Overloaded as exc:
@@ -390,7 +399,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.post("/v1/admin/reload")
     async def reload(_: Caller = Depends(role("admin"))) -> dict[str, str]:
-        return {c: await run_in_threadpool(service.refresh, c) for c in config.categories}
+        return {c: await run_in_threadpool(service.refresh, c, True) for c in config.categories}
 
     @app.put("/v1/admin/thresholds/{category}")
     async def set_thresholds(category: str, request: Request, caller: Caller = Depends(role("admin"))) -> dict[str, Any]:

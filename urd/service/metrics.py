@@ -20,6 +20,10 @@ class ServiceMetrics:
                                     registry=self.registry)
         self.inference = Histogram("urd_inference_seconds", "ONNX Runtime time per batch", ["category"], buckets=LATENCY_BUCKETS,
                                    registry=self.registry)
+        self.prepare = Histogram("urd_prepare_seconds", "decoding, checking and resizing one upload", ["category"], buckets=LATENCY_BUCKETS,
+                                 registry=self.registry)
+        self.record = Histogram("urd_record_seconds", "storing the images and committing the ledger records of one batch", ["category"],
+                                buckets=LATENCY_BUCKETS, registry=self.registry)
         self.rejected = Counter("urd_overload", "requests answered 503 because a queue was full or the ledger down", ["reason"],
                                 registry=self.registry)
         self.model_version = Gauge("urd_model_info", "1 for the model version each category serves", ["category", "model_version", "digest"],

@@ -167,14 +167,17 @@ class ModelBook:
         self.models: dict[str, ServedModel] = {}
         self.thresholds: dict[str, Thresholds] = {}
         self.problems: dict[str, str] = {}  # category -> why it is not ready / not on the newest version
+        self.refused: dict[str, tuple[str, str, str]] = {}  # category -> (name, version, digest) last refused
         self._lock = threading.Lock()
 
     def ready(self) -> bool:
         return all(c in self.models for c in self.categories)
 
-    def refresh(self, category: str) -> str:
+    def refresh(self, category: str, force: bool = False) -> str:
         """Look up the category's newest model; load, check and switch to it if it is new. Returns
-        what happened (serving, unchanged, refused, unavailable), each recorded where it matters."""
+        what happened (serving, unchanged, refused, unavailable), each recorded where it matters.
+        A version once refused is not checked again on every poll, only when ``force`` (an admin's
+        reload) asks for it."""
         try:
             name, version, alias, folder = self.source.locate(category)
         except (LookupError, FileNotFoundError, OSError) as exc:
@@ -182,9 +185,14 @@ class ModelBook:
             log.error("%s: %s", category, exc)
             return "unavailable"
         current = self.models.get(category)
-        if current is not None and current.version == version and current.name == name and current.digest == bundle_digest(folder):
+        digest = bundle_digest(folder)
+        if current is not None and current.version == version and current.name == name and current.digest == digest:
+            self.problems.pop(category, None)  # e.g. a rollback to the version served after a refusal
+            self.refused.pop(category, None)
             self.reload_thresholds(category)
             return "unchanged"
+        if not force and self.refused.get(category) == (name, version, digest):
+            return "refused"
         try:
             candidate = load_served_model(category, folder, name, version, alias, self.precision, self.max_pixels)
         except (ValueError, OSError) as exc:
@@ -195,6 +203,7 @@ class ModelBook:
             why = (f"{name} version {version} failed its challenge set ({candidate.challenge.reason}); "
                    + (f"still serving version {current.version}" if current else "nothing served for this category"))
             self.problems[category] = why
+            self.refused[category] = (name, version, candidate.digest)
             log.error("%s: %s", category, why)
             self.ledger.add_model_event(category, "refused", name, version, candidate.digest,
                                         {"reason": why, "problems": candidate.challenge.problems,
@@ -203,6 +212,7 @@ class ModelBook:
         with self._lock:
             self.models[category] = candidate
             self.problems.pop(category, None)
+            self.refused.pop(category, None)
         self.reload_thresholds(category)
         self.ledger.add_model_event(category, "serving", name, version, candidate.digest,
                                     {"replaces": current.version if current else None, "challenge_images": candidate.challenge.images,
