@@ -51,17 +51,24 @@ from urd.inference import OnnxBundle, expand_inputs
 TOKEN = "bench-line-token-0123456789"
 
 
-def make_bundle(folder: Path) -> Path:
-    """A calibrated bundle of params.yaml's model (a few training iterations on a small demo)."""
+PROFILES = {"demo": "params.yaml", "paper": "params/paper.yaml"}
+
+
+def make_bundle(folder: Path, profile: str = "demo") -> Path:
+    """A calibrated bundle of a profile's model (backbone, image size, head) from a few training
+    iterations on a small generated demo; the paper's backbone without its ImageNet weights (they
+    are not on this machine, and speed does not depend on them)."""
     from urd.config import load_params
     from urd.data.demo import DemoSpec, generate_demo
 
-    base = load_params("params.yaml")
+    base = load_params(PROFILES[profile])
     generate_demo(folder / "demo", DemoSpec(train=24, test_good=8, test_per_defect=4))
     params = base.model_dump(exclude={"overrides"})
-    params["dataset"] |= {"root": str(folder / "demo"), "categories": ["widget"], "val_fraction": 0.25}
-    params["train"] |= {"iterations": 4, "checkpoint_every": 4, "log_every": 2, "num_workers": 0}
-    params["package"] |= {"formats": ["onnx"]}
+    params["dataset"] |= {"name": "demo", "root": str(folder / "demo"), "categories": ["widget"], "val_fraction": 0.25}
+    params["train"] |= {"iterations": 2, "batch_size": 2, "checkpoint_every": 2, "log_every": 1, "num_workers": 0}
+    params["package"] |= {"formats": ["onnx"], "quantize": "none"}
+    if profile != "demo":
+        params["model"] |= {"weights": "none"}
     (folder / "params.yaml").write_text(yaml.safe_dump(params))
     p, model = str(folder / "params.yaml"), str(folder / "model")
     for args in (["train", "--category", "widget", "--out", model], ["calibrate", "--model", model],
@@ -77,15 +84,15 @@ def bare_ort(bundle: Path, images: list[np.ndarray], batch: int, seconds: float)
     batches = [x[i : i + batch] for i in range(0, len(x) - batch + 1, batch)] or [np.repeat(x[:1], batch, 0)]
     for b in batches[:3]:
         runner(b)  # warm-up
-    times, done, start = [], 0, time.perf_counter()
+    times, done, start, cpu = [], 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - start < seconds:
         b = batches[len(times) % len(batches)]
         t = time.perf_counter()
         runner(b)
         times.append(time.perf_counter() - t)
         done += len(b)
-    elapsed = time.perf_counter() - start
-    return {"case": f"bare ORT batch {batch}", "images_per_s": done / elapsed, "p50_ms": 1000 * statistics.median(times),
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu
+    return {"case": f"bare ORT batch {batch}", "images_per_s": done / elapsed, "service_cpu_ms_per_image": 1000 * cpu / done, "p50_ms": 1000 * statistics.median(times),
             "p99_ms": 1000 * float(np.percentile(times, 99)), "calls": len(times)}
 
 
@@ -121,13 +128,19 @@ def metric_sums(text: str) -> dict[str, float]:
     """name -> value of the unlabelled-by-bucket series (_sum, _count, counters) summed over labels."""
     out: dict[str, float] = {}
     for line in text.splitlines():
-        m = re.match(r"^([a-z_]+)(\{[^}]*\})? ([0-9.eE+-]+)$", line)
+        m = re.match(r"^([a-z_]+)(\{.*\})? ([0-9.eE+-]+)$", line)
         if m and not m.group(1).endswith("_bucket"):
             out[m.group(1)] = out.get(m.group(1), 0.0) + float(m.group(3))
     return out
 
 
-async def load(url: str, files: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, pid: int, files: list[bytes], concurrency: int, seconds: float, warmup: float) -> dict:
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
@@ -135,6 +148,14 @@ async def load(url: str, files: list[bytes], concurrency: int, seconds: float, w
         loop = asyncio.get_running_loop()
         begin = loop.time()
         measure_from, measure_to = begin + warmup, begin + warmup + seconds
+
+        cpu: dict[str, float] = {}
+
+        async def mark() -> None:  # CPU used by the service and by this client over the measured stretch
+            await asyncio.sleep(warmup)
+            cpu.update(service=cpu_seconds(pid), client=time.process_time())
+            await asyncio.sleep(seconds)
+            cpu.update(service=cpu_seconds(pid) - cpu["service"], client=time.process_time() - cpu["client"])
 
         async def worker(k: int) -> None:
             i = k
@@ -148,7 +169,7 @@ async def load(url: str, files: list[bytes], concurrency: int, seconds: float, w
                 i += concurrency
 
         before = metric_sums((await client.get("/metrics")).text)
-        await asyncio.gather(*(worker(k) for k in range(concurrency)))
+        await asyncio.gather(mark(), *(worker(k) for k in range(concurrency)))
         after = metric_sums((await client.get("/metrics")).text)
     delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
     n = max(delta.get("urd_batch_size_count", 0.0), 1.0)
@@ -157,6 +178,7 @@ async def load(url: str, files: list[bytes], concurrency: int, seconds: float, w
     return {
         "case": f"service, concurrency {concurrency}", "concurrency": concurrency, "images_per_s": len(lat) / seconds,
         "p50_ms": 1000 * float(np.median(lat)), "p99_ms": 1000 * float(np.percentile(lat, 99)), "statuses": statuses,
+        "service_cpu_ms_per_image": 1000 * cpu["service"] / max(len(lat), 1), "client_cpu_ms_per_image": 1000 * cpu["client"] / max(len(lat), 1),
         "mean_batch": delta.get("urd_batch_size_sum", 0.0) / n,
         # per answered image, from the service's own histograms (warm-up and tail included)
         "ms_prepare_per_image": 1000 * delta.get("urd_prepare_seconds_sum", 0.0) / answered,
@@ -166,68 +188,112 @@ async def load(url: str, files: list[bytes], concurrency: int, seconds: float, w
     }
 
 
+def median_row(reps: list[dict]) -> dict:
+    """The median of each number over the repeats (the VM's neighbours make single runs noisy)."""
+    out = dict(reps[0])
+    for key, value in reps[0].items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "concurrency":
+            out[key] = float(statistics.median(r[key] for r in reps))
+    out["repeats"] = len(reps)
+    if "statuses" in out:
+        out["statuses"] = {str(k): sum(r["statuses"].get(k, 0) for r in reps) for k in {k for r in reps for k in r["statuses"]}}
+    return out
+
+
+def run_profile(name: str, bundle: Path, paths: list[Path], args, tmp: Path) -> dict:
+    """Bare ORT at batch 1 and 8, then the service at each concurrency, interleaved ``--repeats`` times."""
+    files = [p.read_bytes() for p in paths]
+    images = [read_image(p) for p in paths]
+    seconds = args.seconds * (args.paper_factor if name == "paper" else 1)
+    work = tmp / f"serve-{name}"
+    work.mkdir()
+    process, url = start_service(bundle, work, args.threads)
+    reps: dict[str, list[dict]] = {}
+    try:
+        for _ in range(args.repeats if name != "paper" else 1):
+            os.kill(process.pid, signal.SIGSTOP)  # the idle service keeps quiet while ORT runs alone
+            try:
+                for b in (1, 8):
+                    row = bare_ort(bundle, images, b, seconds)
+                    reps.setdefault(row["case"], []).append(row)
+            finally:
+                os.kill(process.pid, signal.SIGCONT)
+            for c in args.concurrency:
+                row = asyncio.run(load(url, process.pid, files, c, seconds, args.warmup))
+                reps.setdefault(row["case"], []).append(row)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(60)
+    rows = [median_row(r) for r in reps.values()]
+    ceiling = next(r["images_per_s"] for r in rows if r["case"] == "bare ORT batch 8")
+    for r in rows:
+        r["of_bare_batch8"] = r["images_per_s"] / ceiling
+        r["images_per_core_second"] = 1000 / r["service_cpu_ms_per_image"]  # images per CPU-second of the scoring side
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    return {"profile": name, "backbone": metadata["architecture"].get("backbone"), "image_size": metadata["preprocessing"]["image_size"],
+            "upload_shape": list(images[0].shape), "upload_bytes_mean": float(np.mean([len(f) for f in files])), "seconds": seconds,
+            "rows": rows}
+
+
+def show(result: dict, threads: int) -> list[str]:
+    title = (f"{result['profile']}: {result['backbone']} at {result['image_size']} px, {result['upload_shape'][1]}x{result['upload_shape'][0]} "
+             f"PNG uploads, {threads} ORT threads, {os.cpu_count()} cores")
+    table = Table(title=title)
+    columns = ("case", "images/s", "of bare b8", "p50 ms", "p99 ms", "p99/p50", "mean batch", "service CPU ms/img", "images/core-s",
+               "client CPU ms/img", "prepare ms/img", "ORT ms/img", "ledger ms/img")
+    for col in columns:
+        table.add_column(col, justify="right")
+    lines = [f"## {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in result["rows"]:
+        service = "mean_batch" in r
+        cells = [r["case"], f"{r['images_per_s']:.1f}", f"{r['of_bare_batch8']:.0%}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                 f"{r['p99_ms'] / r['p50_ms']:.2f}", f"{r['mean_batch']:.1f}" if service else "", f"{r['service_cpu_ms_per_image']:.2f}",
+                 f"{r['images_per_core_second']:.1f}"] + ([f"{r['client_cpu_ms_per_image']:.2f}", f"{r['ms_prepare_per_image']:.2f}",
+                                                          f"{r['ms_ort_per_image']:.2f}", f"{r['ms_record_per_image']:.2f}"] if service else [""] * 4)
+        table.add_row(*cells)
+        lines.append("| " + " | ".join(cells) + " |")
+    Console(width=200).print(table)
+    return lines + [""]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--bundle", type=Path, help="an exported, calibrated bundle with a challenge set (default: made here)")
+    parser.add_argument("--profile", nargs="*", default=["demo", "paper"], choices=sorted(PROFILES),
+                        help="models to make and measure: demo (params.yaml) and paper (params/paper.yaml's backbone and size)")
+    parser.add_argument("--bundle", type=Path, help="measure this bundle instead (exported, calibrated, with a challenge set)")
     parser.add_argument("--images", type=Path, help="images to send (default: the made demo's test images, or the bundle's challenge images)")
-    parser.add_argument("--seconds", type=float, default=20.0)
+    parser.add_argument("--seconds", type=float, default=15.0, help="measured seconds per case")
+    parser.add_argument("--paper-factor", type=float, default=3.0, help="the paper profile's cases run this many times longer (it is ~200x slower)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats (the paper profile: one)")
     parser.add_argument("--warmup", type=float, default=3.0)
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 4, 16])
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="ONNX Runtime threads, bare and in the service")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # OnnxBundle takes torch's thread count
+    results, lines = [], []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        bundle = args.bundle or make_bundle(tmp / "made")
-        source = args.images or (tmp / "made" / "demo" / "widget" / "test" if args.bundle is None else bundle / "challenge")
-        paths = expand_inputs([source])
-        if not paths:
-            raise SystemExit(f"no images in {source}")
-        files = [p.read_bytes() for p in paths]
-        images = [read_image(p) for p in paths]
-        rows = [bare_ort(bundle, images, b, args.seconds) for b in (1, 8)]
-        work = tmp / "serve"
-        work.mkdir()
-        process, url = start_service(bundle, work, args.threads)
-        try:
-            for c in args.concurrency:
-                rows.append(asyncio.run(load(url, files, c, args.seconds, args.warmup)))
-        finally:
-            os.killpg(process.pid, signal.SIGTERM)
-            process.wait(30)
-        size = json.loads((bundle / "metadata.json").read_text())["preprocessing"]["image_size"]
-        first = images[0].shape
-    ceiling = rows[1]["images_per_s"]
-    for r in rows:
-        r["of_bare_batch8"] = r["images_per_s"] / ceiling
-        r["images_per_s_per_core"] = r["images_per_s"] / (os.cpu_count() or 1)
-
-    table = Table(title=f"urd serve vs bare ONNX Runtime: {size} px model, {first[1]}x{first[0]} PNG uploads, {args.threads} ORT threads, "
-                        f"{os.cpu_count()} cores")
-    for col in ("case", "images/s", "per core", "of bare b8", "p50 ms", "p99 ms", "p99/p50", "batch", "prep ms", "ORT ms", "ledger ms"):
-        table.add_column(col, justify="right")
-    for r in rows:
-        service = "mean_batch" in r
-        table.add_row(r["case"], f"{r['images_per_s']:.1f}", f"{r['images_per_s_per_core']:.1f}", f"{r['of_bare_batch8']:.0%}",
-                      f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", f"{r['p99_ms'] / r['p50_ms']:.2f}",
-                      f"{r['mean_batch']:.1f}" if service else "", f"{r['ms_prepare_per_image']:.2f}" if service else "",
-                      f"{r['ms_ort_per_image']:.2f}" if service else "", f"{r['ms_record_per_image']:.2f}" if service else "")
-    Console(width=170).print(table)
-    record = {"machine": machine(), "command": "python -m bench.serve_load " + " ".join(sys.argv[1:]), "image_size": size,
-              "upload_shape": list(first), "seconds": args.seconds, "threads": args.threads, "bundle": str(args.bundle or "made from params.yaml"),
-              "rows": rows}
+        cases = [("given", args.bundle)] if args.bundle else [(p, None) for p in args.profile]
+        for name, bundle in cases:
+            if bundle is None:
+                bundle = make_bundle(tmp / name, name)
+                source = args.images or tmp / name / "demo" / "widget" / "test"
+            else:
+                source = args.images or bundle / "challenge"
+            paths = expand_inputs([source])
+            if not paths:
+                raise SystemExit(f"no images in {source}")
+            results.append(run_profile(name, bundle, paths, args, tmp))
+            lines += show(results[-1], args.threads)
+    record = {"machine": machine(), "command": "python -m bench.serve_load " + " ".join(sys.argv[1:]), "threads": args.threads,
+              "ledger": "SQLite (WAL, synchronous=FULL) + image store on the local disk", "results": results}
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / "serve_load_cpu.json"
     out.write_text(json.dumps(record, indent=2) + "\n")
-    lines = [f"# urd serve under load ({record['machine'].get('cpu', '')})", "",
-             "| case | images/s | per core | of bare b8 | p50 ms | p99 ms | mean batch | prepare ms/img | ORT ms/img | ledger ms/img |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
-        extra = (f"{r['mean_batch']:.1f} | {r['ms_prepare_per_image']:.2f} | {r['ms_ort_per_image']:.2f} | {r['ms_record_per_image']:.2f}"
-                 if "mean_batch" in r else " | | | ")
-        lines.append(f"| {r['case']} | {r['images_per_s']:.1f} | {r['images_per_s_per_core']:.1f} | {r['of_bare_batch8']:.0%} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {extra} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    head = [f"# urd serve under load ({record['machine'].get('cpu', '')}, {record['machine'].get('cpu_flags', '')})", "",
+            "images/core-s: images per CPU-second of the scoring process (the service, or ORT alone). Written by "
+            "`python -m bench.serve_load`.", ""]
+    out.with_suffix(".md").write_text("\n".join(head + lines))
     print(f"wrote {out}")
 
 

@@ -336,3 +336,53 @@ def test_watch_inspects_each_file_once_and_survives_a_restart(served, packaged, 
     assert service.ledger.count(Inspection) == 3
     replay = json.loads(sorted((drop / "done").glob(f"{files[0].stem}_1*.json"))[0].read_text())
     assert replay["replayed"]
+
+
+def test_bundle_digest_follows_the_files_and_is_not_recomputed_for_unchanged_ones(packaged, tmp_path, monkeypatch):
+    from urd.service import models
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(packaged / "bundle", bundle)
+    first = models.bundle_digest(bundle)
+    calls, sha256 = [], models.hashlib.sha256
+    monkeypatch.setattr(models.hashlib, "sha256", lambda *a: calls.append(1) or sha256(*a))
+    assert models.bundle_digest(bundle) == first and not calls  # remembered by file signature
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    metadata["thresholds"]["image_threshold"] += 1.0
+    (bundle / "metadata.json").unlink()
+    (bundle / "metadata.json").write_text(json.dumps(metadata))  # a new file (new inode): hashed again
+    changed = models.bundle_digest(bundle)
+    assert changed != first and len(calls) == 1
+
+
+def test_a_batch_waits_only_for_requests_on_the_way():
+    import asyncio
+
+    from urd.service.batcher import MicroBatcher
+
+    sizes: list[int] = []
+
+    def score(model, batch):
+        sizes.append(len(batch))
+        return np.zeros((len(batch), 2, 2)), np.arange(len(batch), dtype=float)
+
+    async def main() -> list:
+        batcher = MicroBatcher(score, lambda jobs, maps, scores: [(j.payload, s) for j, s in zip(jobs, scores)], max_batch=8,
+                               max_wait_s=0.5, queue_size=8)
+        batcher.start(["c"])
+        started = time.perf_counter()
+        alone = await batcher.submit("c", "model", np.zeros(3), "alone")
+        waited = time.perf_counter() - started
+
+        async def decoded_later(k: int):
+            with batcher.expect("c"):  # decoding takes a while
+                await asyncio.sleep(0.05 * k)
+            return await batcher.submit("c", "model", np.zeros(3), k)
+
+        together = await asyncio.gather(*(decoded_later(k) for k in range(3)))
+        await batcher.stop()
+        return [alone, waited, together]
+
+    alone, waited, together = asyncio.run(main())
+    assert alone == ("alone", 0.0) and waited < 0.25  # nobody else on the way: no max_wait
+    assert together == [(0, 0.0), (1, 1.0), (2, 2.0)] and sizes == [1, 3]  # the first waited for the two being decoded

@@ -183,9 +183,12 @@ class Predictor:
 
 class OnnxBundle:
     """Run an exported bundle with ONNX Runtime: RGB images in [0, 1] (N x 3 x S x S) -> (maps, scores).
-    ``precision="int8"`` runs the quantised graph (``model.int8.onnx``) instead of the fp32 one."""
+    ``precision="int8"`` runs the quantised graph (``model.int8.onnx``) instead of the fp32 one.
+    ``spin=False`` stops ORT's idle threads from spin-waiting for the next call: fastest when ORT has
+    the cores to itself (spinning), but a service decoding uploads beside it gets more images
+    through without (bench/serve_load.py)."""
 
-    def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None, precision: str = "fp32") -> None:
+    def __init__(self, bundle_dir: str | Path, metadata: dict[str, Any] | None = None, precision: str = "fp32", spin: bool = True) -> None:
         import onnxruntime
 
         self.dir = Path(bundle_dir)
@@ -204,6 +207,8 @@ class OnnxBundle:
         # ORT would start one thread per core whatever else runs here; take this process's budget
         # instead (the pipeline sets it from urd.runtime.ThreadBudget).
         options.intra_op_num_threads = torch.get_num_threads()
+        if not spin:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -201,7 +201,8 @@ class Service:
             return image, tensor, digest
 
         try:
-            image, tensor, digest = await run_in_threadpool(prepare)
+            with self.batcher.expect(category):
+                image, tensor, digest = await run_in_threadpool(prepare)
         except UploadError as exc:
             raise HTTPException(exc.status, str(exc)) from None
         pending = Pending(data, digest, image.shape[1], image.shape[0], line, camera, part_id, client_key, thresholds, started)
@@ -228,6 +229,33 @@ class Service:
         return png.tobytes(), f"{model.name} version {model.version}"
 
 
+class CountRequests:
+    """Requests and their latency per route and status, as a plain ASGI middleware (Starlette's
+    BaseHTTPMiddleware costs a task and a stream per request, measurable at line rates)."""
+
+    def __init__(self, app, metrics: ServiceMetrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = getattr(scope.get("route"), "path", "unmatched")
+            self.metrics.requests.labels(path, str(status[0])).inc()
+            self.metrics.latency.labels(path).observe(time.perf_counter() - started)
+
+
 def create_app(config: ServiceConfig) -> FastAPI:
     service = Service(config)
 
@@ -243,15 +271,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
     app.state.service = service
     templates = Jinja2Templates(directory=str(HERE / "templates"))
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        service.metrics.requests.labels(path, str(response.status_code)).inc()
-        service.metrics.latency.labels(path).observe(time.perf_counter() - started)
-        return response
+    app.add_middleware(CountRequests, metrics=service.metrics)
 
     # --- who is calling ---
     def caller_of(request: Request) -> Caller | None:

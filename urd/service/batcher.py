@@ -1,5 +1,7 @@
 """Micro-batching: concurrent requests of a category are scored together, up to ``max_batch``
-images or ``max_wait`` seconds after the first one, in one ONNX Runtime call.
+images or ``max_wait`` seconds after the first one, in one ONNX Runtime call. A batch waits only
+while other requests of its category are still being decoded (:meth:`MicroBatcher.expect`): a
+lone request is scored at once instead of waiting ``max_wait`` for company that is not coming.
 
 Two stages run one after the other per batch but overlap across batches: scoring (one thread for
 every category, so ORT sessions never fight over the cores they were given) and recording (the
@@ -13,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -44,6 +47,7 @@ class MicroBatcher:
         self.in_flight_batches = in_flight_batches
         self.observe = observe or (lambda category, size, seconds: None)
         self.queues: dict[str, asyncio.Queue[Job]] = {}
+        self.arriving: dict[str, int] = {}  # requests being decoded that will be submitted soon
         self.workers: list[asyncio.Task] = []
         self.score_pool = ThreadPoolExecutor(1, thread_name_prefix="urd-score")
         self.record_pool = ThreadPoolExecutor(1, thread_name_prefix="urd-record")
@@ -62,6 +66,16 @@ class MicroBatcher:
 
     def depth(self, category: str) -> int:
         return self.queues[category].qsize()
+
+    @contextmanager
+    def expect(self, category: str):
+        """Around the work before :meth:`submit` (decoding): while inside, a forming batch of the
+        category waits (up to ``max_wait``) for this request."""
+        self.arriving[category] = self.arriving.get(category, 0) + 1
+        try:
+            yield
+        finally:
+            self.arriving[category] -= 1
 
     async def submit(self, category: str, model: Any, image: np.ndarray, payload: Any) -> Any:
         job = Job(model, image, payload, asyncio.get_running_loop().create_future())
@@ -82,6 +96,8 @@ class MicroBatcher:
             batch = [first]
             deadline = loop.time() + self.max_wait_s
             while len(batch) < self.max_batch:
+                if queue.empty() and not self.arriving.get(category):
+                    break  # nobody else is on the way
                 try:
                     job = queue.get_nowait() if loop.time() >= deadline else await asyncio.wait_for(queue.get(), deadline - loop.time())
                 except (asyncio.QueueEmpty, asyncio.TimeoutError):

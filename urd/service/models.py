@@ -31,17 +31,26 @@ from .uploads import decode_upload
 log = logging.getLogger("urd.serve")
 
 
+_DIGESTS: dict[tuple, str] = {}
+
+
 def bundle_digest(bundle_dir: str | Path) -> str:
-    """sha256 over what decides: the graphs, the metadata (thresholds) and the challenge set."""
-    digest = hashlib.sha256()
-    for name in (METADATA_FILE, ONNX_FILE, INT8_ONNX_FILE, CHALLENGE_FILE):
-        file = Path(bundle_dir) / name
-        if file.is_file():
+    """sha256 over what decides: the graphs, the metadata (thresholds) and the challenge set.
+    Remembered per file signature (path, size, mtime, inode): the service asks on every poll, and
+    hashing a 600 MB graph each time would cost seconds of CPU; a replaced or rewritten file has a
+    new signature and is hashed again."""
+    files = [(name, Path(bundle_dir) / name) for name in (METADATA_FILE, ONNX_FILE, INT8_ONNX_FILE, CHALLENGE_FILE)]
+    files = [(name, file, file.stat()) for name, file in files if file.is_file()]
+    key = tuple((str(file.resolve()), st.st_size, st.st_mtime_ns, st.st_ino) for _, file, st in files)
+    if key not in _DIGESTS:
+        digest = hashlib.sha256()
+        for name, file, _ in files:
             digest.update(name.encode() + b"\0")
             with file.open("rb") as handle:
                 for chunk in iter(lambda: handle.read(1 << 20), b""):
                     digest.update(chunk)
-    return digest.hexdigest()
+        _DIGESTS[key] = digest.hexdigest()
+    return _DIGESTS[key]
 
 
 @dataclass(frozen=True)
@@ -102,7 +111,8 @@ def load_served_model(category: str, bundle_dir: str | Path, name: str, version:
         raise ValueError(f"{bundle_dir}: the bundle is not calibrated (no thresholds in {METADATA_FILE}); a service needs thresholds to decide")
     if metadata.get("category") != category:
         raise ValueError(f"{bundle_dir} holds a model of category {metadata.get('category')!r}, not {category!r}")
-    model = ServedModel(category, name, version, alias, bundle_dir, bundle_digest(bundle_dir), metadata, OnnxBundle(bundle_dir, metadata, precision))
+    model = ServedModel(category, name, version, alias, bundle_dir, bundle_digest(bundle_dir), metadata,
+                        OnnxBundle(bundle_dir, metadata, precision, spin=False))  # the cores are shared with decoding and HTTP
     fmt = "onnx_int8" if precision == "int8" else "onnx"
 
     def score(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
