@@ -162,7 +162,7 @@ async def load(url: str, pid: int, files: list[bytes], concurrency: int, seconds
             while loop.time() < measure_to:
                 t = loop.time()
                 r = await client.post("/v1/inspect/widget", content=files[i % len(files)])
-                if t >= measure_from and loop.time() <= measure_to:
+                if measure_from <= loop.time() <= measure_to:  # answers completed in the window, whenever they started
                     statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                     if r.status_code == 200:
                         latencies.append(loop.time() - t)
@@ -204,7 +204,8 @@ def run_profile(name: str, bundle: Path, paths: list[Path], args, tmp: Path) -> 
     """Bare ORT at batch 1 and 8, then the service at each concurrency, interleaved ``--repeats`` times."""
     files = [p.read_bytes() for p in paths]
     images = [read_image(p) for p in paths]
-    seconds = args.seconds * (args.paper_factor if name == "paper" else 1)
+    factor = args.paper_factor if name == "paper" else 1
+    seconds, warmup = args.seconds * factor, args.warmup * factor
     work = tmp / f"serve-{name}"
     work.mkdir()
     process, url = start_service(bundle, work, args.threads)
@@ -219,7 +220,7 @@ def run_profile(name: str, bundle: Path, paths: list[Path], args, tmp: Path) -> 
             finally:
                 os.kill(process.pid, signal.SIGCONT)
             for c in args.concurrency:
-                row = asyncio.run(load(url, process.pid, files, c, seconds, args.warmup))
+                row = asyncio.run(load(url, process.pid, files, c, seconds, warmup))
                 reps.setdefault(row["case"], []).append(row)
     finally:
         os.killpg(process.pid, signal.SIGTERM)

@@ -123,21 +123,27 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
         "metrics": {"overall": metrics.get("overall", {}), "per_defect_type": metrics.get("per_defect_type", {})},
         "thresholds": {
             "image_threshold": thresholds.get("image_threshold"),
+            "review_threshold": thresholds.get("review_threshold"),
+            "review_target_fpr": thresholds.get("review_target_fpr"),
             "pixel_threshold": thresholds.get("pixel_threshold"),
             "method": thresholds.get("method"),
             "target_fpr": thresholds.get("target_fpr"),
             "val_false_positive_rate": thresholds.get("val_false_positive_rate"),
             "test_at_image_threshold": metrics.get("at_calibrated_threshold"),
             "test_at_pixel_threshold": metrics.get("at_calibrated_pixel_threshold"),
-            "normalisation": "normalised score = clip((score - image_threshold) / (image_max - image_min) + 0.5, 0, 1); decision: normalised score >= 0.5",
+            "normalisation": "normalised score = clip((score - image_threshold) / (image_max - image_min) + 0.5, 0, 1); decision: reject at "
+                             "score >= image threshold (normalised >= 0.5), review at score >= review threshold, accept below",
         },
         "caveats": _caveats(metadata, counts, thresholds),
         "how_to_use": {
             "predict": "urd predict <images or folder> --model <this bundle folder> --out predictions/",
-            "serve": f"mlflow models serve -m models:/{name}@candidate --env-manager local -h 127.0.0.1 -p 5001",
+            "serve": f"urd serve --bundle {category}=<this bundle folder> (or, once promoted, urd serve: {name}@production from the registry)",
+            "inspect": f"urd inspect <images or folder> --server http://127.0.0.1:8600 --category {category} (urd watch <folder> for a camera's drop folder)",
+            "mlflow": f"mlflow models serve -m models:/{name}@candidate --env-manager local -h 127.0.0.1 -p 5001",
             "python": "from urd.inference import Predictor; Predictor('<bundle folder>').predict(['part.png'])",
             "onnx": "model.onnx: input 'images' (N x 3 x S x S, float32, RGB in [0, 1]; the backbone's normalisation is inside the graph) -> 'anomaly_map', 'score'",
-            "thresholds": "edit thresholds in metadata.json to move the operating point; they are read at load time",
+            "thresholds": "under urd serve an admin moves them without a restart (PUT /v1/admin/thresholds/<category>, recorded as a "
+                          "threshold version); for urd predict edit thresholds in metadata.json (read at load time)",
         },
         "lineage": lineage,
     }
@@ -197,6 +203,9 @@ def render_markdown(card: dict[str, Any]) -> str:
     th = card["thresholds"]
     lines += ["", "## Calibrated thresholds", "", f"- Image threshold {_fmt(th['image_threshold'])}, pixel threshold {_fmt(th['pixel_threshold'])} "
               f"(method: {th['method']}, target false-positive rate {th['target_fpr']}; on val: {_fmt(th['val_false_positive_rate'])})"]
+    if th.get("review_threshold") is not None:
+        lines.append(f"- Review threshold {_fmt(th['review_threshold'])} (target rate of val normals sent to review or rejected: "
+                     f"{th['review_target_fpr']})")
     for key, label in (("test_at_image_threshold", "images"), ("test_at_pixel_threshold", "pixels")):
         c = th.get(key)
         if c:

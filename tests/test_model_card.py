@@ -39,6 +39,9 @@ def test_model_card_sections_counts_and_warning(packaged):
                     "## Metrics (test split)", "## Calibrated thresholds", "## Caveats", "## How to use"):
         assert heading in text, heading
     assert "> **WARNING" in text and f"recall {at['recall']:.4f}" in text
+    assert card["thresholds"]["review_threshold"] <= card["thresholds"]["image_threshold"] and "- Review threshold " in text
+    assert "urd serve --bundle widget=" in card["how_to_use"]["serve"] and "urd-demo-widget@production" in card["how_to_use"]["serve"]
+    assert "`urd inspect " in text
     for defect in ("scratch", "missing_piece", "contamination"):
         assert f"| {defect} |" in text
 

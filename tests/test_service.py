@@ -386,3 +386,18 @@ def test_a_batch_waits_only_for_requests_on_the_way():
     alone, waited, together = asyncio.run(main())
     assert alone == ("alone", 0.0) and waited < 0.25  # nobody else on the way: no max_wait
     assert together == [(0, 0.0), (1, 1.0), (2, 2.0)] and sizes == [1, 3]  # the first waited for the two being decoded
+
+
+def test_the_served_models_challenge_set_is_run_again_on_demand(served, packaged):
+    client, service, bundle = served
+    _tamper(bundle)  # as if the runtime under the served model had changed its scores
+    answer = client.post("/v1/admin/challenge", headers=auth("admin")).json()["widget"]
+    assert not answer["passed"] and "recorded" in answer["problems"][0]
+    ready = client.get("/readyz").json()
+    assert "no longer reproduces its challenge set" in ready["problems"]["widget"] and ready["models"]["widget"]  # still serving
+    with service.ledger.session() as session:
+        assert [e.event for e in session.query(ModelEvent).order_by(ModelEvent.id)] == ["serving", "challenge_failed"]
+    shutil.copy2(packaged / "bundle" / "challenge.json", bundle / "challenge.json")
+    assert client.post("/v1/admin/challenge", headers=auth("admin")).json()["widget"]["passed"]
+    assert "widget" not in client.get("/readyz").json()["problems"]
+    assert client.post("/v1/admin/challenge", headers=auth("line")).status_code == 403

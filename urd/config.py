@@ -245,6 +245,8 @@ class ServeParams(_Section):
     max_upload_bytes: int = Field(20_000_000, ge=1024, description="largest accepted upload")
     max_pixels: int = Field(40_000_000, ge=64, description="largest accepted image (width x height)")
     poll_seconds: float = Field(30, gt=0, description="how often the registry alias is checked for a new version")
+    challenge_hours: float = Field(24, ge=0, description="how often every served model's challenge set is run again (0: only at load "
+                                   "and on POST /v1/admin/challenge)")
 
 
 class RetrainParams(_Section):

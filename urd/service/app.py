@@ -161,8 +161,27 @@ class Service:
                 self.metrics.model_version.labels(c, m.version, m.digest[:12]).set(1)
         return outcome
 
+    def run_challenges(self) -> dict[str, Any]:
+        """Run every served model's challenge set again (``serve.challenge_hours`` and the admin
+        route): a model that no longer reproduces it (a changed runtime or host) keeps serving, but
+        readiness and the ledger say so."""
+        out = {}
+        for category, model in list(self.book.models.items()):
+            result = model.check_challenge(self.config.serve.max_pixels)
+            out[category] = {"passed": result.passed, "images": result.images, "max_deviation": result.max_deviation, "problems": result.problems}
+            stale = f"{model.name} version {model.version} no longer reproduces its challenge set"
+            if result.passed:
+                if self.book.problems.get(category, "").startswith(stale):
+                    self.book.problems.pop(category)
+                continue
+            self.book.problems[category] = f"{stale} ({result.reason})"
+            log.error("%s: %s", category, self.book.problems[category])
+            self.ledger.add_model_event(category, "challenge_failed", model.name, model.version, model.digest, out[category])
+        return out
+
     async def _poll(self) -> None:
         s = self.config.serve
+        last_challenge = time.monotonic()
         while True:
             await asyncio.sleep(s.poll_seconds)
             for category in self.config.categories:
@@ -171,6 +190,12 @@ class Service:
                 except Exception:  # noqa: BLE001 - the poll must survive anything one refresh does
                     log.exception("%s: refreshing the model failed", category)
             await run_in_threadpool(self.store.prune)
+            if s.challenge_hours and time.monotonic() - last_challenge >= s.challenge_hours * 3600:
+                last_challenge = time.monotonic()
+                try:
+                    await run_in_threadpool(self.run_challenges)
+                except Exception:  # noqa: BLE001
+                    log.exception("the scheduled challenge-set check failed")
 
     def snapshot(self, category: str) -> tuple[ServedModel, Thresholds]:
         if category not in self.config.categories:
@@ -434,16 +459,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
 
     @app.post("/v1/admin/challenge")
     async def challenge(_: Caller = Depends(role("admin"))) -> dict[str, Any]:
-        from ..challenge import check_challenge_set
-
-        out = {}
-        for category, model in list(service.book.models.items()):
-            result = await run_in_threadpool(check_challenge_set, model.bundle_dir, lambda x, m=model: m.score(x.numpy()),
-                                             "onnx_int8" if model.runner.precision == "int8" else "onnx")
-            out[category] = {"passed": result.passed, "images": result.images, "max_deviation": result.max_deviation, "problems": result.problems}
-            if not result.passed:
-                service.ledger.add_model_event(category, "challenge_failed", model.name, model.version, model.digest, out[category])
-        return out
+        return await run_in_threadpool(service.run_challenges)
 
     # --- the review page ---
     def page_filters(request: Request) -> dict[str, str]:

@@ -96,6 +96,15 @@ class ServedModel:
         maps, scores = self.runner(batch)
         return maps[:, 0], scores
 
+    def check_challenge(self, max_pixels: int = 1 << 30) -> ChallengeResult:
+        """Score the bundle's challenge set through the very path uploads take (decoding included)."""
+
+        def score(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            return self.score(images.numpy())
+
+        fmt = "onnx_int8" if self.runner.precision == "int8" else "onnx"
+        return check_challenge_set(self.bundle_dir, score, fmt, read=lambda data, _name: decode_upload(data, len(data) + 1, max_pixels))
+
     def describe(self) -> dict[str, Any]:
         return {"model_name": self.name, "model_version": self.version, "alias": self.alias, "bundle_digest": self.digest,
                 "precision": self.runner.precision, "challenge": {"passed": self.challenge.passed, "images": self.challenge.images,
@@ -113,12 +122,7 @@ def load_served_model(category: str, bundle_dir: str | Path, name: str, version:
         raise ValueError(f"{bundle_dir} holds a model of category {metadata.get('category')!r}, not {category!r}")
     model = ServedModel(category, name, version, alias, bundle_dir, bundle_digest(bundle_dir), metadata,
                         OnnxBundle(bundle_dir, metadata, precision, spin=False))  # the cores are shared with decoding and HTTP
-    fmt = "onnx_int8" if precision == "int8" else "onnx"
-
-    def score(images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-        return model.score(images.numpy())
-
-    model.challenge = check_challenge_set(bundle_dir, score, fmt, read=lambda data, _name: decode_upload(data, len(data) + 1, max_pixels))
+    model.challenge = model.check_challenge(max_pixels)
     return model
 
 
