@@ -1,5 +1,5 @@
 """``python -m pipeline <command>``: the dvc.yaml stages (pipeline/stages.py) and the commands an
-operator runs around them: summary, promote, rollback, status, notify, serve.
+operator runs around them: summary, promote, rollback, status, notify, serve, harvest.
 
 A failure prints one readable paragraph and exits non-zero, so DVC stops and nothing downstream runs.
 """
@@ -43,7 +43,7 @@ def summary(params: Params) -> None:
                   "reports: reports/<category>/")
     console.print(f"MLflow: {uri}  ->  mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
     console.print("promote a candidate: python -m pipeline promote --category <category> [--dry-run]  (README: Operate it in a factory)")
-    console.print("serve a category: mlflow models serve -m models:/urd-<dataset>-<category>@candidate --env-manager local")
+    console.print("serve the line: urd serve (the @production models; --alias candidate for a trial), or urd serve --bundle <category>=bundles/<category>")
 
 
 def promote(params: Params, category: str, dry_run: bool = False, version: str | None = None) -> None:
@@ -82,6 +82,13 @@ def notify(params: Params, url: str) -> None:
     print(json.dumps(install(url), indent=2))
 
 
+def harvest(params: Params, category: str) -> None:
+    """Reviewed inspections of the ledger -> the category's training data and field set, versioned."""
+    from .harvest import run
+
+    run(params, category)
+
+
 def serve(params: Params) -> None:
     """Serve the retrain flow on its cron schedule (blocks; needs a real Prefect server)."""
     from .flows import serve_retrain
@@ -95,7 +102,7 @@ GLOBAL = {"demo_data", "textures", "summary", "serve", "status", "notify"}
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline", description="dvc.yaml stage entry points, the promotion gate, rollback and serve")
-    parser.add_argument("stage", choices=sorted({*STAGES, *COMMANDS, "promote", "rollback", "status", "notify"}))
+    parser.add_argument("stage", choices=sorted({*STAGES, *COMMANDS, "promote", "rollback", "status", "notify", "harvest"}))
     parser.add_argument("--category", default=None)
     parser.add_argument("--params", default=str(PARAMS))
     parser.add_argument("--dry-run", action="store_true", help="promote: decide and print, record nothing, move nothing")
@@ -122,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
                 promote(params, args.category, args.dry_run, args.version)
             elif args.stage == "rollback":
                 rollback(params, args.category)
+            elif args.stage == "harvest":
+                harvest(params, args.category)
             else:
                 with ThreadBudget(threads):  # this host's cores, shared with the urd jobs beside it
                     STAGES[args.stage](params, args.category)

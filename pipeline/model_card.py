@@ -118,6 +118,11 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
             "anomaly_textures": (metadata.get("training") or {}).get("texture_source", "unknown"),
             "dvc_data_md5": lineage.get("dvc_data_md5", "unknown"),
             "dvc_manifest_md5": lineage.get("dvc_manifest_md5", "unknown"),
+            # reviewed parts from the line (python -m pipeline harvest), when any
+            "field_train_images": int(lineage.get("field_train_images", 0)),
+            "field_val_images": int(lineage.get("field_val_images", 0)),
+            "field_defects": int(lineage.get("field_defects", 0)),
+            "harvest_ids": [h for h in str(lineage.get("harvest_ids", "")).split(",") if h],
         },
         "evaluation_data": {"split": "test", **counts["test"]},
         "metrics": {"overall": metrics.get("overall", {}), "per_defect_type": metrics.get("per_defect_type", {})},
@@ -190,7 +195,13 @@ def render_markdown(card: dict[str, Any]) -> str:
     td = card["training_data"]
     lines += ["## Training data", "", f"- {td['description']}", f"- {td['train_images']} training images, {td['val_images']} val images ({td['val_use']})",
               f"- Textures of the synthetic anomalies: `{td['anomaly_textures']}`",
-              f"- DVC hash of the raw data: `{td['dvc_data_md5']}`; of the manifest: `{td['dvc_manifest_md5']}`", ""]
+              f"- DVC hash of the raw data: `{td['dvc_data_md5']}`; of the manifest: `{td['dvc_manifest_md5']}`"]
+    if td["field_train_images"] or td["field_val_images"] or td["field_defects"]:
+        lines.append(f"- From the line (reviewed parts): {td['field_train_images']} training and {td['field_val_images']} val images confirmed "
+                     f"good, {td['field_defects']} confirmed defects in the field set; harvests {', '.join(td['harvest_ids']) or '-'}")
+    else:
+        lines.append("- From the line: no reviewed parts (no harvest yet)")
+    lines.append("")
     ed = card["evaluation_data"]
     per_type = ", ".join(f"{k}: {v}" for k, v in ed["per_defect_type"].items())
     lines += ["## Evaluation data", "", f"- Test split: {ed['good']} good and {ed['defect']} defective images ({per_type})", ""]

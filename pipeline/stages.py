@@ -138,6 +138,16 @@ def evaluate(params: Params, category: str) -> None:
         mlflow.log_artifacts(str(out["plots"]), "evaluation/plots")
 
 
+def field_lineage(p: Params, category: str, manifest) -> dict[str, str]:
+    """The reviewed parts from the line a model learned from (tags on its version, lines in its card)."""
+    from urd.data.field import field_provenance, field_set_folder
+
+    field = field_provenance(manifest, p.dataset.root, category, field_set_folder(p.harvest.field_root, p.dataset.name, category))
+    return {"field_train_images": str(field["field_train_images"]), "field_val_images": str(field["field_val_images"]),
+            "field_defects": str(field["field_defects"]), "harvest_ids": ",".join(field["harvest_ids"]),
+            "ledger_from": field["ledger_from"] or "", "ledger_to": field["ledger_to"] or ""}
+
+
 def package(params: Params, category: str) -> None:
     import mlflow
 
@@ -154,7 +164,7 @@ def package(params: Params, category: str) -> None:
     p = params.for_category(category)
     metrics = json.loads((out["report"] / "metrics.json").read_text())
     manifest = read_manifest(out["validated"])
-    lineage = tracking.lineage_tags(params, category)
+    lineage = tracking.lineage_tags(params, category) | field_lineage(p, category, manifest)
     with tracking.category_run(out["mlflow_run"]) as run:
         lineage["mlflow_run_id"] = run.info.run_id
         export_bundle(out["model"], out["bundle"], p.package.formats, p.package.onnx_opset, metrics=metrics, lineage=lineage, overwrite=True)

@@ -25,7 +25,6 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
-import yaml
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.orm import Session
 

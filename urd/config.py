@@ -249,6 +249,13 @@ class ServeParams(_Section):
                                    "and on POST /v1/admin/challenge)")
 
 
+class HarvestParams(_Section):
+    """Reviewed parts back into data (``python -m pipeline harvest``)."""
+
+    field_root: str = Field("data/field", description="where each category's field set (confirmed defects from the line, never training "
+                            "data) is kept: <field_root>/<dataset>/<category>/defect/ with labels.csv")
+
+
 class RetrainParams(_Section):
     """Unattended retraining (pipeline/flows.py, `python -m pipeline serve`)."""
 
@@ -280,6 +287,7 @@ class Params(_Section):
     promote: PromoteParams = Field(default_factory=PromoteParams)
     retrain: RetrainParams = Field(default_factory=RetrainParams)
     serve: ServeParams = Field(default_factory=ServeParams)
+    harvest: HarvestParams = Field(default_factory=HarvestParams)
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-category values, e.g. {cable: {train: {iterations: 10000}}}"
     )

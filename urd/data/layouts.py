@@ -148,6 +148,18 @@ READERS: dict[str, Callable[[Path, str], list[Record]]] = {
 }
 
 
+# Where each layout keeps the normal images a model learns from (new confirmed-good parts go there).
+TRAIN_GOOD = {"demo": "train/good", "mvtec": "train/good", "mpdd": "train/good", "btad": "train/ok", "folder": "train/good"}
+
+
+def train_good_folder(name: str, root: str | Path, category: str) -> Path:
+    """The folder of a category's normal training images in layout ``name``."""
+    if name not in TRAIN_GOOD:
+        raise ValueError(f"the {name!r} layout lists its training images in a file, so new normal images cannot just be added to a folder; "
+                         "copy the dataset into the folder layout (dataset.name: folder: <category>/train/good, <category>/test/...) to grow it")
+    return Path(root) / category / TRAIN_GOOD[name]
+
+
 def read_layout(name: str, root: str | Path, category: str) -> list[Record]:
     if name not in READERS:
         raise ValueError(f"Unknown dataset layout {name!r}; choose one of {', '.join(READERS)} (params.yaml dataset.name).")

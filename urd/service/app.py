@@ -30,7 +30,7 @@ from .ledger import Inspection, Ledger, LedgerUnavailable, NewInspection, start_
 from .metrics import ServiceMetrics
 from .models import ModelBook, ServedModel, Thresholds
 from .security import COOKIE, Caller, csrf_ok, csrf_token, find_caller, load_tokens
-from .store import ImageStore, sha256
+from .store import ImageStore, image_type, sha256
 from .uploads import UploadError, decode_upload
 
 log = logging.getLogger("urd.serve")
@@ -75,16 +75,6 @@ def _record_json(row: Inspection, verdicts: list | None = None) -> dict[str, Any
     if verdicts is not None:
         out["verdicts"] = [{"verdict": v.verdict, "note": v.note, "reviewer": v.reviewer, "created_at": v.created_at.isoformat()} for v in verdicts]
     return out
-
-
-def _image_type(data: bytes) -> str:
-    if data.startswith(b"\x89PNG"):
-        return "image/png"
-    if data.startswith(b"\xff\xd8"):
-        return "image/jpeg"
-    if data.startswith(b"BM"):
-        return "image/bmp"
-    return "image/tiff" if data[:4] in (b"II*\x00", b"MM\x00*") else "application/octet-stream"
 
 
 class Service:
@@ -413,7 +403,7 @@ def create_app(config: ServiceConfig) -> FastAPI:
         data = service.store.get(row.image_sha256)
         if data is None:
             raise HTTPException(410, f"the image of inspection {row.id} is no longer stored (serve.retention_days)")
-        return Response(data, media_type=_image_type(data))
+        return Response(data, media_type=image_type(data)[0])
 
     @app.get("/v1/inspections/{inspection_id}/overlay")
     async def get_overlay(inspection_id: str, _: Caller = Depends(role("line", "reviewer"))) -> Response:

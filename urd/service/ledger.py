@@ -1,5 +1,6 @@
 """The ledger: one append-only record per inspection, reviewer verdicts as separate records, every
-threshold version and every model event (served, swapped, refused). Nothing is updated in place.
+threshold version, every model event (served, swapped, refused) and every harvest (reviewed
+inspections that became data). Nothing is updated in place.
 
 SQLAlchemy 2 on SQLite (WAL, full sync: a record committed before its response survives a crash
 of the service) or PostgreSQL; the schema is created and upgraded by the Alembic migrations in
@@ -95,6 +96,35 @@ class ModelEvent(Base):
     model_version: Mapped[str] = mapped_column(String(64))
     bundle_digest: Mapped[str] = mapped_column(String(64))
     detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class Harvest(Base):
+    """One harvest of a category: reviewed inspections that became data (urd.service.harvest)."""
+
+    __tablename__ = "harvests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    category: Mapped[str] = mapped_column(String(128), index=True)
+    dataset: Mapped[str] = mapped_column(String(128))
+    good: Mapped[int] = mapped_column(Integer)  # confirmed-good images added to the training folder
+    defect: Mapped[int] = mapped_column(Integer)  # confirmed defects added to the field set
+    missing: Mapped[int] = mapped_column(Integer)  # reviewed, but the image was no longer stored
+    first_record_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    last_record_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON)
+
+
+class HarvestedRecord(Base):
+    """An inspection taken by a harvest: at most once (the primary key)."""
+
+    __tablename__ = "harvested_records"
+
+    inspection_id: Mapped[str] = mapped_column(ForeignKey("inspections.id"), primary_key=True)
+    harvest_id: Mapped[str] = mapped_column(ForeignKey("harvests.id"), index=True)
+    verdict_id: Mapped[int] = mapped_column(ForeignKey("verdicts.id"))
+    verdict: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str | None] = mapped_column(String(1024))  # where its image went (None: no longer stored)
 
 
 class LedgerUnavailable(RuntimeError):
@@ -255,6 +285,29 @@ class Ledger:
     def count(self, table: type[Base] = Inspection) -> int:
         with self.session() as session:
             return int(session.scalar(select(func.count()).select_from(table)))
+
+    def unharvested(self, category: str) -> list[tuple[Inspection, Verdict]]:
+        """Reviewed inspections of a category that no harvest has taken yet, with their latest
+        verdict, oldest first."""
+        with self.session() as session:
+            latest = select(Verdict.inspection_id, func.max(Verdict.id).label("vid")).group_by(Verdict.inspection_id).subquery()
+            query = (select(Inspection, Verdict).join(latest, latest.c.inspection_id == Inspection.id)
+                     .join(Verdict, Verdict.id == latest.c.vid)
+                     .outerjoin(HarvestedRecord, HarvestedRecord.inspection_id == Inspection.id)
+                     .where(Inspection.category == category, HarvestedRecord.inspection_id.is_(None))
+                     .order_by(Inspection.created_at, Inspection.id))
+            return [(i, v) for i, v in session.execute(query).all()]
+
+    def add_harvest(self, harvest: Harvest, records: list[HarvestedRecord]) -> None:
+        """The harvest and every record it took, in one transaction: all of it or nothing."""
+        self._write([harvest, *records])
+
+    def harvests(self, category: str | None = None) -> list[Harvest]:
+        with self.session() as session:
+            query = select(Harvest).order_by(Harvest.created_at)
+            if category:
+                query = query.where(Harvest.category == category)
+            return list(session.scalars(query))
 
     def events(self, category: str | None = None) -> list[ModelEvent]:
         with self.session() as session:

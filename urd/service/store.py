@@ -15,6 +15,19 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def image_type(data: bytes) -> tuple[str, str]:
+    """(media type, file suffix) of an image file's bytes, from its signature."""
+    if data.startswith(b"\x89PNG"):
+        return "image/png", ".png"
+    if data.startswith(b"\xff\xd8"):
+        return "image/jpeg", ".jpg"
+    if data.startswith(b"BM"):
+        return "image/bmp", ".bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image/tiff", ".tif"
+    return "application/octet-stream", ".bin"
+
+
 class ImageStore:
     def __init__(self, root: str | Path, retention_days: float) -> None:
         self.root = Path(root)

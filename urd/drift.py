@@ -1,0 +1,106 @@
+"""Is the line still seeing what the model was calibrated on?
+
+Three views of a recent stretch of production against the model's reference (its val split):
+
+* **scores**: a two-sample Kolmogorov-Smirnov test (scipy) of the recent image scores against the
+  val scores stored in the bundle, and the population stability index (PSI) over the val scores'
+  deciles as a second, effect-size view;
+* **flag rate**: the share of parts at or above the review threshold against the share of val
+  images there, by a one-sided exact binomial test against the *upper* 99% Clopper-Pearson bound
+  of the val share. The expectation is itself an estimate from a few hundred val images and stays
+  fixed for the model's life: against the plain val share, one unlucky val draw raised 54 alarms
+  in 200 stable stretches at alpha 0.05, and Fisher's exact test (both samples random) still 29,
+  since the reference does not change between assessments;
+* **image statistics** (brightness, contrast, sharpness per image, from the pixels alone): KS
+  tests against the training images' statistics. A shift here says the camera or the lighting
+  changed; a score shift without one says the parts changed.
+
+:func:`assess` runs them together at one family-wise ``alpha`` (Bonferroni over the tests of one
+assessment; the caller divides a daily false-alarm budget over the assessments of a day, e.g.
+hourly runs times cameras).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import numpy as np
+from scipy.stats import binomtest, ks_2samp
+
+from .field_calibration import clopper_pearson_upper
+
+IMAGE_STATISTICS = ("brightness", "contrast", "sharpness")
+
+
+def image_statistics(image: np.ndarray) -> dict[str, float]:
+    """Brightness (mean grey level), contrast (its standard deviation) and sharpness (variance of
+    the Laplacian) of an H x W x 3 uint8 RGB image."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    mean, std = cv2.meanStdDev(grey)
+    return {"brightness": float(mean[0, 0]), "contrast": float(std[0, 0]), "sharpness": float(cv2.Laplacian(grey, cv2.CV_64F).var())}
+
+
+def population_stability_index(reference: np.ndarray, recent: np.ndarray, bins: int = 10, floor: float = 1e-4) -> float:
+    """PSI = sum (p_recent - p_ref) * ln(p_recent / p_ref) over the reference's quantile bins
+    (shares floored at ``floor`` so an empty bin counts as rare, not impossible)."""
+    reference, recent = np.asarray(reference, np.float64), np.asarray(recent, np.float64)
+    edges = np.unique(np.quantile(reference, np.linspace(0, 1, bins + 1)))
+    edges[0], edges[-1] = -np.inf, np.inf
+    p_ref = np.maximum(np.histogram(reference, edges)[0] / len(reference), floor)
+    p_new = np.maximum(np.histogram(recent, edges)[0] / len(recent), floor)
+    return float(np.sum((p_new - p_ref) * np.log(p_new / p_ref)))
+
+
+def flag_rate_pvalue(flagged: int, parts: int, reference_flagged: int, reference_parts: int, reference_confidence: float = 0.99) -> float:
+    """One-sided p-value that the recent flag rate exceeds what the reference allows: a binomial
+    test against the upper ``reference_confidence`` bound of the reference's rate."""
+    if not parts or not reference_parts:
+        return 1.0
+    expected = clopper_pearson_upper(reference_flagged, reference_parts, reference_confidence)
+    return float(binomtest(flagged, parts, expected, alternative="greater").pvalue)
+
+
+@dataclass
+class Assessment:
+    drift: bool
+    cause: str  # "none" | "camera or lighting" | "parts"
+    alpha_per_test: float
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+def assess(
+    reference_scores: np.ndarray,
+    recent_scores: np.ndarray,
+    review_threshold: float,
+    reference_image_stats: dict[str, np.ndarray] | None = None,
+    recent_image_stats: dict[str, np.ndarray] | None = None,
+    alpha: float = 1e-3,
+) -> Assessment:
+    """One assessment of a recent stretch (see the module docstring)."""
+    reference_scores, recent_scores = np.asarray(reference_scores, np.float64), np.asarray(recent_scores, np.float64)
+    stats = [s for s in IMAGE_STATISTICS if reference_image_stats and recent_image_stats and s in reference_image_stats and s in recent_image_stats]
+    tests = 2 + len(stats)
+    alpha_each = alpha / tests
+    ks = ks_2samp(reference_scores, recent_scores)
+    flagged, reference_flagged = int((recent_scores >= review_threshold).sum()), int((reference_scores >= review_threshold).sum())
+    evidence: dict[str, Any] = {
+        "parts": int(len(recent_scores)),
+        "scores": {"ks_statistic": float(ks.statistic), "p_value": float(ks.pvalue),
+                   "psi": population_stability_index(reference_scores, recent_scores),
+                   "median": float(np.median(recent_scores)), "reference_median": float(np.median(reference_scores))},
+        "flag_rate": {"flagged": flagged, "rate": flagged / max(len(recent_scores), 1), "expected": reference_flagged / len(reference_scores),
+                      "p_value": flag_rate_pvalue(flagged, len(recent_scores), reference_flagged, len(reference_scores))},
+        "images": {},
+    }
+    for name in stats:
+        ref, new = np.asarray(reference_image_stats[name], np.float64), np.asarray(recent_image_stats[name], np.float64)
+        test = ks_2samp(ref, new)
+        evidence["images"][name] = {"p_value": float(test.pvalue), "ks_statistic": float(test.statistic), "median": float(np.median(new)),
+                                    "reference_median": float(np.median(ref)),
+                                    "relative_change": float(np.median(new) / np.median(ref) - 1) if np.median(ref) else float("nan")}
+    images_shifted = any(v["p_value"] < alpha_each for v in evidence["images"].values())
+    scores_shifted = evidence["scores"]["p_value"] < alpha_each or evidence["flag_rate"]["p_value"] < alpha_each
+    cause = "camera or lighting" if images_shifted else "parts" if scores_shifted else "none"
+    return Assessment(images_shifted or scores_shifted, cause, alpha_each, evidence)
