@@ -173,3 +173,27 @@ def test_a_model_can_say_which_reviewed_parts_it_learned_from(line):
     # a model trained before the harvest learned from none of it
     before = manifest[~manifest["path"].isin(harvested["path"])]
     assert field_provenance(before, tmp / "data", "bottle")["field_train_images"] == 0
+
+
+def test_a_dataset_that_is_a_stages_output_is_committed_to_that_stage(tmp_path, monkeypatch):
+    import yaml
+
+    from pipeline.harvest import version_harvest
+    from urd.service.harvest import HarvestResult
+
+    def dvc(*args):
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=tmp_path, capture_output=True, text=True)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return done.stdout
+
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    dvc("init", "-q")
+    make_mvtec(tmp_path / "data" / "raw" / "demo", "widget", n_train=3)
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"demo_data": {"cmd": "true", "outs": [{"data/raw/demo": {"persist": True}}]}}}))
+    dvc("repro", "-q")
+    (tmp_path / "data" / "raw" / "demo" / "widget" / "train" / "good" / ("f" * 64 + ".png")).write_bytes(png(5))
+    assert "modified" in dvc("status")
+    done = version_harvest(tmp_path, tmp_path / "data" / "raw" / "demo", HarvestResult("h", "widget", good=1,
+                           folders=[tmp_path / "data" / "raw" / "demo" / "widget" / "train" / "good"]), log=lambda line: None)
+    assert done == ["dvc commit demo_data (data/raw/demo)"]
+    assert "modified" not in dvc("status")
