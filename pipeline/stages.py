@@ -153,6 +153,7 @@ def package(params: Params, category: str) -> None:
 
     from urd.data.manifest import read_manifest
     from urd.challenge import write_challenge_set
+    from urd.drift import write_reference
     from urd.export import add_int8_graph, export_bundle
 
     from . import tracking
@@ -171,6 +172,7 @@ def package(params: Params, category: str) -> None:
         if p.package.quantize == "int8":
             add_int8_graph(out["bundle"], manifest, p.dataset.image_size)
         write_challenge_set(out["bundle"], manifest, seed=p.seed)
+        write_reference(out["bundle"], manifest)
         card_json, card_md = write_model_card(out["bundle"], manifest)
         mlflow.log_artifact(str(card_md), "model_card")
         mlflow.log_artifact(str(card_json), "model_card")

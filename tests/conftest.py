@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 from urd.cli import app
 from urd.challenge import write_challenge_set
 from urd.data.manifest import read_manifest
+from urd.drift import write_reference
 from urd.export import export_bundle
 
 from .layouts_fixtures import tiny_widget_project
@@ -38,6 +39,7 @@ def packaged(tmp_path_factory):
     metrics = json.loads((tmp / "report" / "metrics.json").read_text())
     export_bundle(tmp / "model", tmp / "bundle", metrics=metrics, lineage={"git_commit": "abc", "dvc_data_md5": "123.dir"})
     write_challenge_set(tmp / "bundle", read_manifest(tmp / "model" / "manifest.csv"))
+    write_reference(tmp / "bundle", read_manifest(tmp / "model" / "manifest.csv"))
     return tmp
 
 

@@ -21,7 +21,7 @@ STAGE_MODULES = {
     "train": ["urd.train"],
     "calibrate": ["urd.calibrate"],
     "evaluate": ["urd.evaluate"],
-    "package": ["urd.export", "urd.challenge", "urd.data.field", "pipeline.model_card", "pipeline.registry", "pipeline.mlflow_model"],
+    "package": ["urd.export", "urd.challenge", "urd.data.field", "urd.drift", "pipeline.model_card", "pipeline.registry", "pipeline.mlflow_model"],
 }
 # Code that cannot change what a stage computes: package markers, the params schema (its values reach
 # every stage through data/params/<category>/<stage>.json), atomic file writes, progress display.

@@ -241,6 +241,7 @@ def export(
     from .challenge import write_challenge_set
     from .checkpoint import ModelFileError, read_meta
     from .data.manifest import read_manifest
+    from .drift import write_reference
     from .export import export_bundle
     from .files import CALIBRATION_FILE
 
@@ -251,6 +252,7 @@ def export(
         export_bundle(model, out, p.package.formats, p.package.onnx_opset, overwrite=overwrite)
         if (model / CALIBRATION_FILE).is_file() and (model / "manifest.csv").is_file():
             write_challenge_set(out, read_manifest(model / "manifest.csv"), seed=p.seed)
+            write_reference(out, read_manifest(model / "manifest.csv"))
     except (ModelFileError, FileExistsError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"bundle written to {out}")

@@ -22,7 +22,9 @@ hourly runs times cameras).
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -30,6 +32,9 @@ import numpy as np
 from scipy.stats import binomtest, ks_2samp
 
 from .field_calibration import clopper_pearson_upper
+from .files import atomic_write_text
+
+REFERENCE_FILE = "reference.json"  # in a bundle: the training images' statistics
 
 IMAGE_STATISTICS = ("brightness", "contrast", "sharpness")
 
@@ -104,3 +109,23 @@ def assess(
     scores_shifted = evidence["scores"]["p_value"] < alpha_each or evidence["flag_rate"]["p_value"] < alpha_each
     cause = "camera or lighting" if images_shifted else "parts" if scores_shifted else "none"
     return Assessment(images_shifted or scores_shifted, cause, alpha_each, evidence)
+
+
+def write_reference(bundle_dir: str | Path, manifest, limit: int = 500) -> dict[str, Any]:
+    """Store the image statistics of (up to ``limit``) training images in the bundle, the reference a
+    drift monitor compares the line's images with."""
+    from .data.images import read_image
+
+    train = manifest[manifest["split"] == "train"].sort_values("path").head(limit)
+    per = [image_statistics(read_image(path)) for path in train["path"]]
+    reference = {"images": len(per), "source": "train split", "image_statistics": {k: [round(p[k], 4) for p in per] for k in IMAGE_STATISTICS}}
+    atomic_write_text(Path(bundle_dir) / REFERENCE_FILE, json.dumps(reference) + "\n")
+    return reference
+
+
+def read_reference(bundle_dir: str | Path) -> dict[str, np.ndarray] | None:
+    """The training images' statistics of a bundle (None for a bundle packaged without them)."""
+    file = Path(bundle_dir) / REFERENCE_FILE
+    if not file.is_file():
+        return None
+    return {k: np.asarray(v, np.float64) for k, v in json.loads(file.read_text())["image_statistics"].items()}

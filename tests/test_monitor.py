@@ -1,0 +1,54 @@
+"""The drift monitor on the ledger: per camera, a lighting change is told from a stable camera, a
+camera with too few parts is not tested, and parts another model decided are left out."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import cv2
+import numpy as np
+import pandas as pd
+
+from urd.drift import read_reference
+from urd.service.ledger import Ledger, NewInspection, utcnow
+from urd.service.models import bundle_digest
+from urd.service.monitor import monitor_category
+from urd.service.store import ImageStore
+
+
+def test_a_brighter_camera_is_reported_as_a_lighting_change_and_the_others_are_quiet(packaged, tmp_path):
+    bundle = packaged / "bundle"
+    metadata = json.loads((bundle / "metadata.json").read_text())
+    assert set(read_reference(bundle)) == {"brightness", "contrast", "sharpness"}
+    manifest = pd.read_csv(packaged / "model" / "manifest.csv")
+    images = [cv2.imread(p) for p in manifest.loc[manifest["split"] == "train", "path"]]
+    val_scores = np.asarray(metadata["thresholds"]["val_scores"])
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.upgrade()
+    store = ImageStore(tmp_path / "images", 90)
+    digest = bundle_digest(bundle)
+    threshold = ledger.add_threshold_version("widget", digest, 0.0, 1.0, "calibration", "bundle")
+    rng = np.random.default_rng(0)
+
+    def parts(camera: str, n: int, gain: float = 1.0, model_digest: str = digest) -> list[NewInspection]:
+        out = []
+        for i in range(n):
+            image = np.clip(images[i % len(images)].astype(np.float32) * gain, 0, 255).astype(np.uint8)
+            sha = store.put(cv2.imencode(".png", image)[1].tobytes())
+            out.append(NewInspection(category="widget", line="L1", camera=camera, part_id=f"{camera}-{i}", client_key=None, image_sha256=sha,
+                                     image_width=64, image_height=64, model_name="m", model_version="1", model_alias=None,
+                                     bundle_digest=model_digest, threshold_version=threshold.id, score=float(rng.choice(val_scores)),
+                                     normalized_score=0.5, decision="accept", latency_ms=1.0))
+        return out
+
+    ledger.add_inspections(parts("cam-ok", 60) + parts("cam-bright", 60, gain=1.4) + parts("cam-new", 10) + parts("cam-old-model", 60, 1.4, "e" * 64))
+    reports = {r.camera: r for r in monitor_category(ledger, store, "widget", bundle, metadata, utcnow() - timedelta(hours=1), alpha=1e-3,
+                                                      min_parts=50)}
+    assert set(reports) == {"cam-ok", "cam-bright", "cam-new"}  # the old model's parts are not this model's scores
+    assert not reports["cam-ok"].assessment.drift
+    bright = reports["cam-bright"].assessment
+    assert bright.drift and bright.cause == "camera or lighting" and bright.evidence["images"]["brightness"]["relative_change"] > 0.2
+    assert bright.alpha_per_test == 1e-3 / 2 / 5  # two cameras tested, five tests each
+    assert reports["cam-new"].assessment is None and reports["cam-new"].parts == 10
+    ledger.engine.dispose()

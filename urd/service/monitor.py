@@ -1,0 +1,69 @@
+"""The drift monitor's look at the ledger: per category and camera, the recent stretch of the line
+against the served model's reference (urd.drift), with the evidence a report or an event carries.
+
+Only parts the given bundle decided are assessed (its digest in the record). The reference is the bundle's: its val scores (``metadata.json`` thresholds) and its training
+images' statistics (``reference.json``, written at package time). The recent images' statistics
+come from the image store. One family-wise ``alpha`` per run is split over the cameras assessed
+(Bonferroni), and within a camera over its tests (urd.drift.assess); a camera with fewer than
+``min_parts`` recent parts is reported as such, not tested.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ..calibrate import review_threshold
+from ..drift import IMAGE_STATISTICS, Assessment, assess, image_statistics, read_reference
+from .ledger import Ledger
+from .models import bundle_digest
+from .store import ImageStore
+from .uploads import decode_upload
+
+
+@dataclass
+class CameraReport:
+    camera: str
+    parts: int
+    assessment: Assessment | None  # None: too few parts to test
+    models: list[str] = field(default_factory=list)  # model versions that decided these parts
+
+
+def monitor_category(ledger: Ledger, store: ImageStore | None, category: str, bundle_dir: str | Path, metadata: dict[str, Any],
+                     since: datetime, alpha: float = 1e-3, min_parts: int = 100, max_images: int = 500) -> list[CameraReport]:
+    """Assess every camera of ``category`` on the parts inspected since ``since``."""
+    calibration = metadata["thresholds"]
+    reference_scores = np.asarray(calibration.get("val_scores", []), np.float64)
+    if not len(reference_scores):
+        raise ValueError(f"{bundle_dir}: the bundle records no val scores (thresholds.val_scores); re-package it to monitor its category")
+    reference_images = read_reference(bundle_dir)
+    digest = bundle_digest(bundle_dir)
+    by_camera: dict[str, list] = defaultdict(list)
+    for row in ledger.since(category, since):
+        if row.bundle_digest == digest:  # parts another model decided are another model's scores
+            by_camera[row.camera or "-"].append(row)
+    testable = [c for c, rows in by_camera.items() if len(rows) >= min_parts]
+    reports = []
+    for camera in sorted(by_camera):
+        rows = by_camera[camera]
+        if camera not in testable:
+            reports.append(CameraReport(camera, len(rows), None))
+            continue
+        recent_images = None
+        if reference_images is not None and store is not None:
+            stats = defaultdict(list)
+            for row in rows[-max_images:]:
+                data = store.get(row.image_sha256)
+                if data is not None:
+                    for k, v in image_statistics(decode_upload(data, len(data) + 1, 1 << 31)).items():
+                        stats[k].append(v)
+            recent_images = {k: np.asarray(stats[k]) for k in IMAGE_STATISTICS if stats[k]} or None
+        result = assess(reference_scores, np.array([r.score for r in rows]), review_threshold(calibration),
+                        reference_images if recent_images else None, recent_images, alpha=alpha / len(testable))
+        reports.append(CameraReport(camera, len(rows), result, sorted({f"{r.model_name}:{r.model_version}" for r in rows})))
+    return reports
