@@ -251,8 +251,9 @@ def export(
         out = out or model / "bundle"
         export_bundle(model, out, p.package.formats, p.package.onnx_opset, overwrite=overwrite)
         if (model / CALIBRATION_FILE).is_file() and (model / "manifest.csv").is_file():
-            write_challenge_set(out, read_manifest(model / "manifest.csv"), seed=p.seed)
-            write_reference(out, read_manifest(model / "manifest.csv"))
+            manifest = read_manifest(model / "manifest.csv")
+            write_challenge_set(out, manifest, seed=p.seed)
+            write_reference(out, manifest)
     except (ModelFileError, FileExistsError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"bundle written to {out}")

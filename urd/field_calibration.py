@@ -105,8 +105,10 @@ def calibrate_from_verdicts(
     review = min(float(defects[j_max]), reject)
     production = np.sort(np.asarray(production_scores if production_scores is not None else good, np.float64))
 
-    def band_share(low: float) -> float:
-        return float(((production >= low) & (production < reject)).mean()) if len(production) else 0.0
+    def band_share(low: float) -> float:  # share of production scores in [low, reject), by bisection of the sorted scores
+        if not len(production):
+            return 0.0
+        return float(np.searchsorted(production, reject, "left") - np.searchsorted(production, low, "left")) / len(production)
 
     per_shift = None
     fits = True

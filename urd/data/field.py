@@ -24,7 +24,7 @@ def field_set_folder(field_root: str | Path, dataset: str, category: str) -> Pat
     return Path(field_root) / dataset / category
 
 
-def _read_rows(path: Path) -> list[dict[str, str]]:
+def read_rows(path: Path) -> list[dict[str, str]]:
     if not path.is_file():
         return []
     with path.open(newline="") as handle:
@@ -35,11 +35,11 @@ def field_provenance(manifest, dataset_root: str | Path, category: str, field_fo
     """What of a model's data came from the line: confirmed-good parts among its training and val
     images (by file name, from the category's harvests.csv), the harvests and the span of
     inspections they hold, and the confirmed defects of its field set."""
-    rows = {row["file"]: row for row in _read_rows(Path(dataset_root) / category / PROVENANCE)}
+    rows = {row["file"]: row for row in read_rows(Path(dataset_root) / category / PROVENANCE)}
     names = manifest["path"].map(lambda p: Path(p).name)
     used = manifest[names.isin(rows) & manifest["split"].isin(["train", "val"])]
     taken = [rows[Path(p).name] for p in used["path"]]
-    defects = _read_rows(Path(field_folder) / LABELS) if field_folder is not None else []
+    defects = read_rows(Path(field_folder) / LABELS) if field_folder is not None else []
     times = sorted(r["inspected_at"] for r in [*taken, *defects] if r.get("inspected_at"))
     return {
         "field_train_images": int((used["split"] == "train").sum()),

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..data.field import LABEL_COLUMNS, LABELS, PROVENANCE, field_set_folder
+from ..data.field import LABEL_COLUMNS, LABELS, PROVENANCE, field_set_folder, read_rows
 from ..data.layouts import train_good_folder
 from ..files import atomic_write, atomic_write_text
 from .ledger import Harvest, HarvestedRecord, Ledger, new_id, utcnow
@@ -131,10 +131,7 @@ def harvest(ledger: Ledger, store: ImageStore, dataset: str, dataset_root: str |
 
 def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
     """The CSV with these rows added (a row per file: a rerun after a crash replaces, not repeats)."""
-    existing: dict[str, dict[str, Any]] = {}
-    if path.is_file():
-        with path.open(newline="") as handle:
-            existing = {row["file"]: row for row in csv.DictReader(handle)}
+    existing: dict[str, dict[str, Any]] = {row["file"]: row for row in read_rows(path)}
     for row in rows:
         existing[row["file"]] = row
     out = io.StringIO()

@@ -258,7 +258,7 @@ class Ledger:
                      limit: int = 50) -> list[tuple[Inspection, Verdict | None]]:
         """Review and reject decisions, newest first, with their latest verdict (if any)."""
         with self.session() as session:
-            latest = (select(Verdict.inspection_id, func.max(Verdict.id).label("vid")).group_by(Verdict.inspection_id).subquery())
+            latest = _latest_verdicts()
             query = (select(Inspection, Verdict).outerjoin(latest, latest.c.inspection_id == Inspection.id)
                      .outerjoin(Verdict, Verdict.id == latest.c.vid)
                      .where(Inspection.decision.in_([decision] if decision else ["review", "reject"])))
@@ -290,7 +290,7 @@ class Ledger:
         """Reviewed inspections of a category that no harvest has taken yet, with their latest
         verdict, oldest first."""
         with self.session() as session:
-            latest = select(Verdict.inspection_id, func.max(Verdict.id).label("vid")).group_by(Verdict.inspection_id).subquery()
+            latest = _latest_verdicts()
             query = (select(Inspection, Verdict).join(latest, latest.c.inspection_id == Inspection.id)
                      .join(Verdict, Verdict.id == latest.c.vid)
                      .outerjoin(HarvestedRecord, HarvestedRecord.inspection_id == Inspection.id)
@@ -303,18 +303,22 @@ class Ledger:
         self._write([harvest, *records])
 
     def harvests(self, category: str | None = None) -> list[Harvest]:
-        with self.session() as session:
-            query = select(Harvest).order_by(Harvest.created_at)
-            if category:
-                query = query.where(Harvest.category == category)
-            return list(session.scalars(query))
+        return self._all(Harvest, Harvest.created_at, category)
 
     def events(self, category: str | None = None) -> list[ModelEvent]:
+        return self._all(ModelEvent, ModelEvent.id, category)
+
+    def _all(self, table: type[Harvest] | type[ModelEvent], order, category: str | None) -> list:
         with self.session() as session:
-            query = select(ModelEvent).order_by(ModelEvent.id)
+            query = select(table).order_by(order)
             if category:
-                query = query.where(ModelEvent.category == category)
+                query = query.where(table.category == category)
             return list(session.scalars(query))
+
+
+def _latest_verdicts():
+    """Per reviewed inspection, the id of its latest verdict (the one that counts)."""
+    return select(Verdict.inspection_id, func.max(Verdict.id).label("vid")).group_by(Verdict.inspection_id).subquery()
 
 
 def start_of_day(now: datetime | None = None) -> datetime:
