@@ -282,6 +282,7 @@ def browser():
 
 
 def test_review_page_in_a_real_browser_by_click_and_by_key(project, packaged, browser, tmp_path):
+    from selenium.common.exceptions import JavascriptException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
     from selenium.webdriver.support.ui import WebDriverWait
@@ -295,24 +296,28 @@ def test_review_page_in_a_real_browser_by_click_and_by_key(project, packaged, br
                             headers=auth("admin")).status_code == 200
             ids = [http.post("/v1/inspect/widget", content=f.read_bytes(), params={"part_id": f.stem}, headers=auth("line")).json()["id"]
                    for f in test_files(packaged)[:3]]
-        wait = WebDriverWait(browser, 20)
+        # each verdict is a form post, so the page is replaced under the test: card ids are read in one
+        # script call (no element handle that a reload can make stale), and the wait rides over a reload
+        wait = WebDriverWait(browser, 20, ignored_exceptions=(StaleElementReferenceException, JavascriptException))
+
+        def card_ids(b):  # None until the page (and its keyboard script) has loaded
+            return b.execute_script("return document.readyState === 'complete' ? "
+                                    "Array.from(document.querySelectorAll('.card[data-id]'), c => c.dataset.id) : null")
+
         browser.get(f"{server.url}/review")
         wait.until(ec.presence_of_element_located((By.ID, "token"))).send_keys(TOKENS["reviewer"])
         browser.find_element(By.ID, "sign-in").click()
-        cards = wait.until(lambda b: b.find_elements(By.CSS_SELECTOR, ".card[data-id]"))
-        assert [c.get_attribute("data-id") for c in cards] == ids[::-1]  # newest first
+        assert wait.until(card_ids) == ids[::-1]  # newest first
         ARTIFACTS.mkdir(exist_ok=True)
         assert browser.save_screenshot(str(ARTIFACTS / "review_page.png"))
 
-        first = cards[0].get_attribute("data-id")
-        cards[0].find_element(By.CSS_SELECTOR, "form button.good").click()
-        wait.until(lambda b: first not in [c.get_attribute("data-id") for c in b.find_elements(By.CSS_SELECTOR, ".card[data-id]")])
+        first = ids[-1]
+        browser.find_element(By.CSS_SELECTOR, f'.card[data-id="{first}"] form button.good').click()
+        wait.until(lambda b: card_ids(b) == ids[1::-1])
 
-        second = browser.find_elements(By.CSS_SELECTOR, ".card[data-id]")[0].get_attribute("data-id")
+        second = ids[1]
         browser.find_element(By.TAG_NAME, "body").send_keys("d")  # the keyboard shortcut on the focused card
-        wait.until(lambda b: second not in [c.get_attribute("data-id") for c in b.find_elements(By.CSS_SELECTOR, ".card[data-id]")])
-        left = browser.find_elements(By.CSS_SELECTOR, ".card[data-id]")
-        assert [c.get_attribute("data-id") for c in left] == [ids[0]]
+        wait.until(lambda b: card_ids(b) == [ids[0]])
 
         verdicts = {v.inspection_id: (v.verdict, v.reviewer) for v in rows(url, Verdict)}
         assert verdicts == {first: ("good", "reviewer-1"), second: ("defect", "reviewer-1")}
