@@ -28,7 +28,7 @@ STAGE_PARAMS = {
     "validate": ["dataset.name", "dataset.min_train_images", "dataset.require_masks"],
     "prepare": ["dataset.name", "dataset.image_size", "synthesis.foreground.{category}"],
     "train": ["seed", "dataset.image_size", "model", "train", "synthesis"],
-    "calibrate": ["calibrate"],
+    "calibrate": ["dataset.name", "dataset.root", "calibrate", "harvest.field_root"],
     "evaluate": ["evaluate"],
     "package": ["package"],
 }

@@ -134,6 +134,7 @@ def build_card(metadata: dict[str, Any], manifest: pd.DataFrame) -> dict[str, An
             "method": thresholds.get("method"),
             "target_fpr": thresholds.get("target_fpr"),
             "val_false_positive_rate": thresholds.get("val_false_positive_rate"),
+            "field": thresholds.get("field"),
             "test_at_image_threshold": metrics.get("at_calibrated_threshold"),
             "test_at_pixel_threshold": metrics.get("at_calibrated_pixel_threshold"),
             "normalisation": "normalised score = clip((score - image_threshold) / (image_max - image_min) + 0.5, 0, 1); decision: reject at "
@@ -217,6 +218,15 @@ def render_markdown(card: dict[str, Any]) -> str:
     if th.get("review_threshold") is not None:
         lines.append(f"- Review threshold {_fmt(th['review_threshold'])} (target rate of val normals sent to review or rejected: "
                      f"{th['review_target_fpr']})")
+    field = th.get("field") or {}
+    if field.get("status") == "calibrated":
+        lines.append(f"- From verdicts: {field['good_parts']} good parts (val) and {field['defect_parts']} confirmed defects (field set); at "
+                     f"{field['confidence']:.0%} confidence false rejects are at most {field['false_reject_bound']:.2%} ({field['false_rejects']} "
+                     f"seen) and escapes at most {field['escape_bound']:.2%} ({field['escapes']} seen)"
+                     + (f"; about {field['reviews_per_shift']:.0f} reviews per shift (capacity {field['review_capacity']}"
+                        f"{'' if field['fits_capacity'] else ', OVER capacity'})" if field.get("reviews_per_shift") is not None else ""))
+    elif field.get("status") == "waiting":
+        lines.append(f"- Field set of {field['defect_parts']} confirmed defects not used yet: {field['reason']}")
     for key, label in (("test_at_image_threshold", "images"), ("test_at_pixel_threshold", "pixels")):
         c = th.get(key)
         if c:

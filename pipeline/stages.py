@@ -104,14 +104,25 @@ def calibrate(params: Params, category: str) -> None:
     import mlflow
 
     from urd.calibrate import calibrate_model
+    from urd.data.field import field_defect_rows, field_set_folder
     from urd.data.manifest import read_manifest
 
     from . import tracking
 
     out = paths(category)
-    result = calibrate_model(out["model"], read_manifest(out["validated"]), params.for_category(category).calibrate)
+    p = params.for_category(category)
+    # the field set as the dataset folder lists it (harvests.csv): a dependency of this stage, so a
+    # harvest of defects reruns the calibration (a "recalibration" challenger) and nothing upstream
+    field_rows = field_defect_rows(p.dataset.root, category, field_set_folder(p.harvest.field_root, p.dataset.name, category))
+    result = calibrate_model(out["model"], read_manifest(out["validated"]), p.calibrate, field_rows=field_rows)
+    field = result["field"] or {}
+    if field.get("status") == "waiting":
+        print(f"{category}: field set of {field['defect_parts']} confirmed defects: {field['reason']}")
     with tracking.category_run(out["mlflow_run"]):
         mlflow.log_metrics({k: float(v) for k, v in result.items() if k.endswith(("_threshold", "_rate"))})
+        mlflow.log_metrics({f"field_{k}": float(field[k]) for k in ("good_parts", "defect_parts", "false_rejects", "escapes", "false_reject_bound",
+                                                                     "escape_bound") if k in field})
+        mlflow.set_tag("calibration_method", result["method"])
         mlflow.log_artifact(str(out["calibration"]))
     print(json.dumps(result))
 

@@ -39,3 +39,24 @@ def test_review_band_sits_below_the_image_threshold_at_the_looser_target():
     assert review_threshold({"image_threshold": 5.0}) == 5.0 and decide(4.99, 5.0, 5.0) == "accept"
     with pytest.raises(ValueError, match="review_target_fpr"):
         CalibrateParams(target_fpr=0.05, review_target_fpr=0.01)
+
+
+def test_a_field_set_sets_both_thresholds_with_bounds_or_waits_saying_for_what():
+    rng = np.random.default_rng(1)
+    val_scores = rng.normal(0, 1, 400)  # good parts
+    field = rng.normal(4, 1, 80)  # confirmed defects
+    params = CalibrateParams(max_false_reject=0.02, max_escape=0.1, confidence=0.95)
+    c = calibrate(params, val_scores, np.zeros((400, 2, 2)), field_scores=field)
+    assert c["method"] == "field_verdicts" and c["field"]["status"] == "calibrated"
+    # what the bounds promise holds on the scores they were set on, at the stated confidence
+    false_rejects, escapes = int((val_scores >= c["image_threshold"]).sum()), int((field < c["review_threshold"]).sum())
+    assert (c["field"]["false_rejects"], c["field"]["escapes"]) == (false_rejects, escapes)
+    assert c["field"]["false_reject_bound"] <= 0.02 and c["field"]["escape_bound"] <= 0.1
+    assert c["review_threshold"] <= c["image_threshold"] and c["image_max"] >= field.max()
+    assert c["val_false_positive_rate"] == pytest.approx(false_rejects / 400)
+    # 20 defects cannot bound escapes at 10% (29 with none escaping are needed): the val thresholds stay, and it says so
+    waiting = calibrate(params, val_scores, np.zeros((400, 2, 2)), field_scores=field[:20])
+    plain = calibrate(params, val_scores, np.zeros((400, 2, 2)))
+    assert waiting["method"] == "val_quantile" and waiting["field"]["status"] == "waiting" and "9 more confirmed defects" in waiting["field"]["reason"]
+    assert (waiting["image_threshold"], waiting["review_threshold"]) == (plain["image_threshold"], plain["review_threshold"])
+    assert plain["field"] is None

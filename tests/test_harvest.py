@@ -93,6 +93,7 @@ def test_a_harvest_killed_midway_leaves_whole_files_and_the_rerun_takes_each_rec
     def dies_on_the_fourth(path, data):
         calls.append(path)
         if len(calls) == 4:
+            path.parent.mkdir(parents=True, exist_ok=True)  # the 4th part may be the first of its folder
             path.with_name(f".{path.name}.tmp").write_bytes(data[:100])  # the half-written temporary file a kill leaves
             raise KeyboardInterrupt("killed")
         real(path, data)
@@ -153,7 +154,7 @@ def test_pipeline_harvest_versions_the_changed_data_with_dvc(tmp_path, monkeypat
     assert out["versioned"] == ["dvc add data/raw/mvtec (commit data/raw/mvtec.dvc with git)",
                                 "dvc add data/field/mvtec/bottle (commit data/field/mvtec/bottle.dvc with git)"]
     pointer = yaml.safe_load((tmp_path / "data" / "raw" / "mvtec.dvc").read_text())
-    # 14 files of the layout, the two confirmed-good parts and harvests.csv (which of them came from the line)
+    # 14 files of the layout, the two confirmed-good parts and harvests.csv (what came from the line)
     assert pointer["outs"][0]["nfiles"] == 14 + 2 + 1 and (tmp_path / "data" / "raw" / "mvtec" / "bottle" / "harvests.csv").is_file()
     assert "modified" not in sh(sys.executable, "-m", "dvc", "status")  # versioned: nothing left unrecorded
 
@@ -173,6 +174,29 @@ def test_a_model_can_say_which_reviewed_parts_it_learned_from(line):
     # a model trained before the harvest learned from none of it
     before = manifest[~manifest["path"].isin(harvested["path"])]
     assert field_provenance(before, tmp / "data", "bottle")["field_train_images"] == 0
+
+
+def test_the_field_set_reads_as_manifest_rows_checked_against_its_files(line):
+    from urd.data.field import field_defect_rows
+
+    ledger, store, tmp, ids = line
+    field = tmp / "field" / "mvtec" / "bottle"
+    assert field_defect_rows(tmp / "data", "bottle", field).empty  # nothing harvested yet
+    run(ledger, store, tmp)
+    rows = field_defect_rows(tmp / "data", "bottle", field)
+    assert sorted(rows["sha256"]) == sorted(sha256(png(s)) for s in (10, 16, 17, 18))
+    assert set(rows["split"]) == {"field"} and set(rows["label"]) == {1} and all(p.startswith(str(field)) for p in rows["path"])
+    # the dataset folder lists them (so a harvest of defects alone changes this category's data)
+    with (tmp / "data" / "bottle" / "harvests.csv").open() as handle:
+        assert sorted(r["verdict"] for r in csv.DictReader(handle)) == ["defect"] * 4 + ["good"] * 5
+    # an edited field image and a missing one are refused by name
+    victim = field / "defect" / f"{sha256(png(16))}.png"
+    victim.write_bytes(png(99))
+    with pytest.raises(ValueError, match=victim.name):
+        field_defect_rows(tmp / "data", "bottle", field)
+    victim.unlink()
+    with pytest.raises(FileNotFoundError, match="dvc pull"):
+        field_defect_rows(tmp / "data", "bottle", field)
 
 
 def test_a_dataset_that_is_a_stages_output_is_committed_to_that_stage(tmp_path, monkeypatch):

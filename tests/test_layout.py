@@ -19,7 +19,7 @@ STAGE_MODULES = {
     "validate": ["urd.data.validation"],
     "prepare": ["urd.data.prepare"],
     "train": ["urd.train"],
-    "calibrate": ["urd.calibrate"],
+    "calibrate": ["urd.calibrate", "urd.data.field"],
     "evaluate": ["urd.evaluate"],
     "package": ["urd.export", "urd.challenge", "urd.data.field", "urd.drift", "pipeline.model_card", "pipeline.registry", "pipeline.mlflow_model"],
 }

@@ -68,3 +68,19 @@ def test_model_card_names_the_variant_that_was_trained(packaged):
     assert "Expert-Teacher-Student" in full["model_details"]["method"] and "Guided Information Injection" in full["model_details"]["method"]
     off = build_card(meta | {"architecture": meta["architecture"] | {"expert_in_training": False, "gii": "none"}}, manifest)
     assert "expert off" in off["model_details"]["method"] and "plain RD decoder" in off["model_details"]["method"]
+
+
+def test_model_card_states_the_bounds_of_a_calibration_from_verdicts(packaged):
+    from pipeline.model_card import render_markdown
+
+    meta = json.loads((packaged / "bundle" / METADATA_FILE).read_text())
+    manifest = build_manifest("demo", packaged / "demo", "widget", 0.25)
+    field = {"status": "calibrated", "good_parts": 320, "defect_parts": 64, "confidence": 0.95, "false_rejects": 0, "false_reject_bound": 0.0093,
+             "escapes": 1, "escape_bound": 0.0725, "reviews_per_shift": 41.6, "review_capacity": 40, "fits_capacity": False}
+    text = render_markdown(build_card(meta | {"thresholds": meta["thresholds"] | {"method": "field_verdicts", "field": field}}, manifest))
+    assert ("From verdicts: 320 good parts (val) and 64 confirmed defects (field set); at 95% confidence false rejects are at most 0.93% "
+            "(0 seen) and escapes at most 7.25% (1 seen); about 42 reviews per shift (capacity 40, OVER capacity)") in text
+    waiting = {"status": "waiting", "defect_parts": 12, "reason": "calibration from verdicts at 95% confidence needs 17 more confirmed defects"}
+    text = render_markdown(build_card(meta | {"thresholds": meta["thresholds"] | {"field": waiting}}, manifest))
+    assert "Field set of 12 confirmed defects not used yet: calibration from verdicts at 95% confidence needs 17 more" in text
+    assert "From verdicts" not in render_markdown(build_card(meta, manifest))

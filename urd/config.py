@@ -199,11 +199,25 @@ class CalibrateParams(_Section):
         "between it and the image threshold go to a reviewer (accept / review / reject); at least target_fpr",
     )
 
+    # With a field set (confirmed defects from the line, urd/field_calibration.py): thresholds with bounds
+    max_false_reject: float = Field(0.01, gt=0, lt=1, description="with a field set: the upper confidence bound on the share of good parts "
+                                    "(held-out val normals, harvested ones included) at or above the reject threshold")
+    max_escape: float = Field(0.05, gt=0, lt=1, description="with a field set: the upper confidence bound on the share of confirmed defects "
+                              "accepted without review (below the review threshold)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided Clopper-Pearson confidence of both bounds")
+    review_capacity: int | None = Field(None, ge=0, description="with a field set: parts per shift the reviewers can look at; spare capacity "
+                                        "widens the review band (fewer escapes), a band over capacity is reported. Needs parts_per_shift")
+    parts_per_shift: float | None = Field(None, gt=0, description="the line's throughput per shift (the service's dashboard shows the recorded "
+                                          "figure), to turn the band's share of parts into reviews per shift")
+
     @model_validator(mode="after")
     def _review_band_is_looser(self) -> CalibrateParams:
         if self.review_target_fpr < self.target_fpr:
             raise ValueError(f"review_target_fpr ({self.review_target_fpr}) must be at least target_fpr ({self.target_fpr}): the review "
                              "band lies below the image threshold")
+        if (self.review_capacity is None) != (self.parts_per_shift is None):
+            raise ValueError("calibrate.review_capacity and calibrate.parts_per_shift go together: the band's load in reviews per shift needs "
+                             "both (set both, or neither)")
         return self
 
 

@@ -3,9 +3,13 @@ can say which reviewed parts from the line it learned from without reaching the 
 
     <field_root>/<dataset>/<category>/defect/<sha256>.<ext>   confirmed defects (never training data)
     <field_root>/<dataset>/<category>/labels.csv              one row per confirmed defect
-    <dataset root>/<category>/harvests.csv                    one row per confirmed-good part added to training
+    <dataset root>/<category>/harvests.csv                    one row per harvested part: confirmed good
+                                                              (added to training) and confirmed defect (the field set)
 
-Written by :mod:`urd.service.harvest`; read by the package stage (a model's lineage and card).
+Written by :mod:`urd.service.harvest`; read by the calibrate stage (:func:`field_defect_rows`: the
+field set as the dataset folder lists it, so a harvest of defects changes that category's data,
+and DVC reruns its calibration and nothing upstream) and the package stage (a model's lineage and
+card).
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ def field_provenance(manifest, dataset_root: str | Path, category: str, field_fo
     """What of a model's data came from the line: confirmed-good parts among its training and val
     images (by file name, from the category's harvests.csv), the harvests and the span of
     inspections they hold, and the confirmed defects of its field set."""
-    rows = {row["file"]: row for row in read_rows(Path(dataset_root) / category / PROVENANCE)}
+    rows = {row["file"]: row for row in read_rows(Path(dataset_root) / category / PROVENANCE) if row.get("verdict", "good") == "good"}
     names = manifest["path"].map(lambda p: Path(p).name)
     used = manifest[names.isin(rows) & manifest["split"].isin(["train", "val"])]
     taken = [rows[Path(p).name] for p in used["path"]]
@@ -49,3 +53,27 @@ def field_provenance(manifest, dataset_root: str | Path, category: str, field_fo
         "ledger_from": times[0] if times else None,
         "ledger_to": times[-1] if times else None,
     }
+
+
+def field_defect_rows(dataset_root: str | Path, category: str, field_folder: str | Path):
+    """The category's field set as manifest rows (``split`` "field", ``label`` 1, no mask): the
+    confirmed defects its ``harvests.csv`` lists, each checked against the file of the field set
+    (named by its sha256). Empty when nothing was harvested."""
+    import hashlib
+
+    import pandas as pd
+
+    listed = [row for row in read_rows(Path(dataset_root) / category / PROVENANCE) if row.get("verdict") == "defect"]
+    rows = []
+    for row in listed:
+        path = Path(field_folder) / "defect" / row["file"]
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"{path} not found: {Path(dataset_root) / category / PROVENANCE} lists it as a confirmed defect of the field set. Fetch the field "
+                f"set (`dvc pull {field_folder}`) or, if it was deleted on purpose, remove its row from {PROVENANCE}")
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        if sha != Path(row["file"]).stem:
+            raise ValueError(f"{path} changed since it was harvested (its sha256 is {sha[:12]}..., its name says otherwise): the field set holds "
+                             f"the images reviewers confirmed; restore it (`dvc checkout {field_folder}`)")
+        rows.append({"path": str(path), "label": 1, "split": "field", "defect_type": "field", "mask_path": "", "sha256": sha})
+    return pd.DataFrame(rows, columns=["path", "label", "split", "defect_type", "mask_path", "sha256"])

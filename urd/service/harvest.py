@@ -114,8 +114,8 @@ def harvest(ledger: Ledger, store: ImageStore, dataset: str, dataset_root: str |
                                        path=str(target)))
     if labels:
         _append_rows(field_folder / LABELS, labels)
-    if provenance:
-        _append_rows(Path(dataset_root) / category / PROVENANCE, provenance)
+    if provenance or labels:  # the category's list of every part it took from the line, defects included
+        _append_rows(Path(dataset_root) / category / PROVENANCE, provenance + labels)
     for folder in {good_folder, defect_folder, field_folder}:
         if folder.is_dir():
             _sync_folder(folder)
