@@ -8,9 +8,14 @@
 2. scores the candidate and the current ``production`` version, both downloaded from the
    registry, on the same images: the test split of the current validated manifest (the data may
    have changed since production was trained, so production's own recorded metrics are not used);
-3. promotes when the candidate clears every floor of ``promote.*`` and is not worse than
-   production by more than ``promote.max_regression`` on any gated metric (no production yet:
-   floors only);
+   when the category has a field set (confirmed defects from the line), also each model's
+   operating point at its own thresholds: the share of val normals it rejects and of the field
+   set's defects it accepts without review;
+3. promotes when the candidate clears every floor of ``promote.*``, is not worse than production
+   by more than ``promote.max_regression`` on any gated metric and, with a field set, rejects no
+   more good parts and lets no more defects through than ``promote.max_*_increase`` allow (no
+   production yet: floors only). A candidate with production's weights (a threshold-only
+   "recalibration" after a harvest of defects) goes through the same gate, marked as such;
 4. records the decision on the candidate version (tags ``promotion.*``) and as a run in the MLflow
    experiment ``promotion``; only a "promote" moves the alias.
 
@@ -33,6 +38,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from urd.config import Params, PromoteParams
 
 from . import tracking
@@ -46,6 +53,8 @@ EXPERIMENT = "promotion"
 TAG = "promotion."
 # gated metric -> its floor in PromoteParams
 FLOORS = {"image_auroc": "min_image_auroc", "pixel_auroc": "min_pixel_auroc", "pixel_aupro": "min_aupro"}
+# with a field set, rates at each model's own thresholds (lower is better) -> the rise allowed in PromoteParams
+OPERATING_POINTS = {"field_escape_rate": "max_escape_increase", "field_false_reject_rate": "max_false_reject_increase"}
 
 
 class PromotionError(RuntimeError):
@@ -68,19 +77,21 @@ class Decision:
     lock: str = ""
     gate_run_id: str = ""
     dry_run: bool = False
+    recalibration: bool = False  # the candidate has production's weights: only its thresholds differ
 
     def tags(self) -> dict[str, str]:
         """The model-version tags that record this decision on the candidate."""
         tags = {"decision": self.decision, "reason": self.reason, "previous_production": self.production_version or "none",
                 "started": self.started, "time": self.finished, "gate_run": self.gate_run_id, "lock": self.lock,
-                "test_images": str(self.test_images)}
+                "test_images": str(self.test_images), "recalibration": str(self.recalibration).lower()}
         tags |= {f"candidate.{k}": f"{v:.4f}" for k, v in self.candidate_metrics.items()}
         tags |= {f"production.{k}": f"{v:.4f}" for k, v in self.production_metrics.items()}
         return {TAG + k: v[:5000] for k, v in tags.items()}
 
     def summary(self) -> str:
         against = f" against production v{self.production_version}" if self.production_version else ""
-        return f"{self.model} v{self.candidate_version}{against}: {self.decision.upper()} - {self.reason}"
+        what = " (recalibration: same weights)" if self.recalibration else ""
+        return f"{self.model} v{self.candidate_version}{what}{against}: {self.decision.upper()} - {self.reason}"
 
 
 def judge(candidate: dict[str, float], production: dict[str, float] | None, rules: PromoteParams, production_version: str | None = None) -> tuple[str, str]:
@@ -100,6 +111,11 @@ def judge(candidate: dict[str, float], production: dict[str, float] | None, rule
             if not (math.isnan(new) or math.isnan(old)) and new < old - rules.max_regression:
                 problems.append(f"{metric} {new:.4f} is {old - new:.4f} below production v{production_version} ({old:.4f}) on the same images "
                                 f"(promote.max_regression {rules.max_regression})")
+        for metric, key in OPERATING_POINTS.items():
+            new, old = candidate.get(metric, math.nan), production.get(metric, math.nan)
+            if not (math.isnan(new) or math.isnan(old)) and new > old + getattr(rules, key) + 1e-12:
+                problems.append(f"{metric} {new:.4f} is {new - old:.4f} above production v{production_version} ({old:.4f}) on the field set, each at "
+                                f"its own thresholds (promote.{key} {getattr(rules, key)})")
     if problems:
         return "reject", "; ".join(problems)
     if production is None:
@@ -238,8 +254,21 @@ def _version(client, model: str, version: str | None, alias: str):
         return None
 
 
-def score_version(model: str, version: str, rows, pro_limit: float) -> dict[str, float]:
-    """Overall test metrics of a registered version's bundle on ``rows`` (downloaded from the registry)."""
+def operating_point(scores, labels, calibration: dict) -> dict[str, float]:
+    """A model's errors on the field set at its own thresholds: the share of good parts it rejects
+    (score at or above ``image_threshold``) and of confirmed defects it accepts without review
+    (score below the review threshold)."""
+    from urd.calibrate import review_threshold
+
+    scores, labels = np.asarray(scores, np.float64), np.asarray(labels)
+    good, defect = scores[labels == 0], scores[labels == 1]
+    return {"field_false_reject_rate": float((good >= calibration["image_threshold"]).mean()) if len(good) else math.nan,
+            "field_escape_rate": float((defect < review_threshold(calibration)).mean()) if len(defect) else math.nan}
+
+
+def score_version(model: str, version: str, rows, pro_limit: float, field_rows=None) -> dict[str, float]:
+    """Overall test metrics of a registered version's bundle on ``rows`` (downloaded from the
+    registry), and its operating point on ``field_rows`` (val normals + the field set) if given."""
     import mlflow
 
     from urd.evaluate import compute_metrics
@@ -249,9 +278,13 @@ def score_version(model: str, version: str, rows, pro_limit: float) -> dict[str,
     with tempfile.TemporaryDirectory(prefix="urd-gate-") as tmp:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model}/{version}", dst_path=tmp))
         bundle = next(local.rglob("metadata.json")).parent
-        maps, scores, masks = Predictor(bundle).score_rows(rows)
+        predictor = Predictor(bundle)
+        maps, scores, masks = predictor.score_rows(rows)
+        point = {}
+        if field_rows is not None and len(field_rows) and predictor.calibration is not None:
+            point = operating_point(predictor.score_rows(field_rows)[1], field_rows["label"].to_numpy(), predictor.calibration)
     metrics = compute_metrics(rows["label"].to_numpy(), scores, maps, masks, rows["defect_type"].to_numpy(), pro_limit)["overall"]
-    return {k: float(metrics.get(k, math.nan)) for k in FLOORS}
+    return {k: float(metrics.get(k, math.nan)) for k in FLOORS} | point
 
 
 def _record(client, decision: Decision, dataset: str) -> None:
@@ -283,6 +316,9 @@ def _registry(params: Params, category: str, root: str | Path):
 
 def promote(params: Params, category: str, root: str | Path = ".", version: str | None = None, dry_run: bool = False) -> Decision:
     """Gate the ``candidate`` (or ``version``) of ``category`` against ``production``; see the module doc."""
+    import pandas as pd
+
+    from urd.data.field import field_defect_rows, field_set_folder
     from urd.data.manifest import read_manifest
 
     root, uri, p, model, client = _registry(params, category, root)
@@ -303,13 +339,15 @@ def promote(params: Params, category: str, root: str | Path = ".", version: str 
             decision.decision, decision.reason = "reject", problem
         else:
             manifest = read_manifest(root / paths(category)["validated"])
-            rows = manifest[manifest["split"] == "test"].reset_index(drop=True)
-            rows["path"] = [str(path if Path(path).is_absolute() else root / path) for path in rows["path"]]
-            rows["mask_path"] = [str(path if not path or Path(path).is_absolute() else root / path) for path in rows["mask_path"]]
+            rows = _absolute(manifest[manifest["split"] == "test"], root)
             decision.test_images = len(rows)
-            decision.candidate_metrics = score_version(model, decision.candidate_version, rows, p.evaluate.pro_fpr_limit)
+            field = field_defect_rows(root / p.dataset.root, category, root / field_set_folder(p.harvest.field_root, p.dataset.name, category))
+            field_rows = _absolute(pd.concat([manifest[manifest["split"] == "val"], field]), root) if len(field) else None
+            decision.candidate_metrics = score_version(model, decision.candidate_version, rows, p.evaluate.pro_fpr_limit, field_rows)
             if production is not None:
-                decision.production_metrics = score_version(model, decision.production_version, rows, p.evaluate.pro_fpr_limit)
+                decision.production_metrics = score_version(model, decision.production_version, rows, p.evaluate.pro_fpr_limit, field_rows)
+                same = candidate.tags.get("weights_md5")
+                decision.recalibration = bool(same) and same == production.tags.get("weights_md5")
             decision.decision, decision.reason = judge(decision.candidate_metrics, decision.production_metrics if production else None, p.promote,
                                                        decision.production_version)
         decision.finished = _now()
@@ -318,6 +356,13 @@ def promote(params: Params, category: str, root: str | Path = ".", version: str 
             if decision.decision == "promote":
                 client.set_registered_model_alias(model, PRODUCTION, decision.candidate_version)
     return decision
+
+
+def _absolute(rows, root: Path):
+    rows = rows.reset_index(drop=True)
+    rows["path"] = [str(path if Path(path).is_absolute() else root / path) for path in rows["path"]]
+    rows["mask_path"] = [str(path if not path or Path(path).is_absolute() else root / path) for path in rows["mask_path"]]
+    return rows
 
 
 def rollback(params: Params, category: str, root: str | Path = ".") -> Decision:

@@ -169,7 +169,7 @@ def package(params: Params, category: str) -> None:
 
     from . import tracking
     from .model_card import write_model_card
-    from .promotion import data_tags
+    from .promotion import data_tags, file_md5
     from .registry import register_bundle
 
     out = paths(category)
@@ -189,6 +189,7 @@ def package(params: Params, category: str) -> None:
         mlflow.log_artifact(str(card_json), "model_card")
         example = manifest.loc[manifest["split"] == "val", "path"].head(1).tolist()
         tags = lineage | data_tags(Path.cwd(), category) | {f"test_{k}": f"{v:.4f}" for k, v in metrics["overall"].items() if isinstance(v, float)}
+        tags["weights_md5"] = file_md5(out["weights"])  # equal to production's: a threshold-only "recalibration"
         version = register_bundle(out["bundle"], p.dataset.name, category, tags, example[0] if example else None)
     print(f"registered {version.name} version {version.version} as @candidate ({tracking.tracking_uri()})")
 

@@ -40,6 +40,28 @@ def test_judge_floors_then_regression_against_production():
     assert judge({"image_auroc": math.nan, "pixel_auroc": 0.99, "pixel_aupro": 0.9}, None, rules)[0] == "reject"
 
 
+def test_judge_compares_operating_points_on_the_field_set_when_there_is_one():
+    rules = PromoteParams(min_image_auroc=0.8, min_pixel_auroc=0.0, min_aupro=0.0, max_escape_increase=0.0, max_false_reject_increase=0.02)
+    base = {"image_auroc": 0.95, "pixel_auroc": 0.97, "pixel_aupro": 0.8}
+    old = base | {"field_escape_rate": 0.10, "field_false_reject_rate": 0.01}
+    assert judge(base | {"field_escape_rate": 0.10, "field_false_reject_rate": 0.03}, old, rules, "3")[0] == "promote"
+    decision, reason = judge(base | {"field_escape_rate": 0.15, "field_false_reject_rate": 0.0}, old, rules, "3")
+    assert decision == "reject" and "field_escape_rate 0.1500 is 0.0500 above production v3 (0.1000)" in reason and "max_escape_increase" in reason
+    decision, reason = judge(base | {"field_escape_rate": 0.0, "field_false_reject_rate": 0.05}, old, rules, "3")
+    assert decision == "reject" and "field_false_reject_rate" in reason
+    # no field set on one side (nan) or no production: nothing to compare
+    assert judge(base | {"field_escape_rate": 0.9}, base, rules, "3")[0] == "promote" and judge(base | {"field_escape_rate": 0.9}, None, rules)[0] == "promote"
+
+
+def test_operating_point_counts_rejected_goods_and_unreviewed_defects_at_the_models_thresholds():
+    from pipeline.promotion import operating_point
+
+    point = operating_point([0.1, 0.5, 0.9, 0.2, 0.6, 0.95], [0, 0, 0, 1, 1, 1], {"image_threshold": 0.9, "review_threshold": 0.5})
+    assert point == {"field_false_reject_rate": pytest.approx(1 / 3), "field_escape_rate": pytest.approx(1 / 3)}
+    # a calibration without a band: the review threshold is the image threshold
+    assert operating_point([0.2, 0.6], [1, 1], {"image_threshold": 0.9})["field_escape_rate"] == 1.0
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
     """A factory checkout (validated manifest, validation summary, params) and a registry holding
@@ -231,3 +253,62 @@ def test_the_gate_names_a_missing_candidate_and_refuses_a_shared_store_without_a
     with pytest.raises(PromotionError, match="PREFECT_API_URL"):
         with serialised(MODEL, "http://mlflow.internal:5000"):
             pass
+
+
+def test_a_recalibration_that_would_let_more_defects_through_is_rejected(factory, template):
+    """Two versions with the same weights and other thresholds; with a field set the gate compares
+    them where a factory counts: the one that sends every defect to a reviewer is promoted, the one
+    that would accept them unreviewed is refused as a recalibration."""
+    import cv2
+    import mlflow
+
+    from pipeline import tracking
+    from pipeline.promotion import file_md5
+    from pipeline.registry import register_bundle
+    from urd.data.field import LABEL_COLUMNS
+    from urd.service.store import sha256
+
+    bundle = template.parent / "bundle"
+    # the field set: confirmed defects from the line (mirrored test defects, so not test images), listed by the category folder
+    raw = yaml.safe_load((factory / "params.yaml").read_text())
+    raw["dataset"]["root"] = str(factory / "line")
+    (factory / "params.yaml").write_text(yaml.safe_dump(raw))
+    defect_folder = factory / "data/field/demo/widget/defect"
+    defect_folder.mkdir(parents=True)
+    rows = []
+    for path in sorted((template.parent / "demo/widget/test").glob("[!g]*/*.png"))[:4]:
+        data = cv2.imencode(".png", cv2.flip(cv2.imread(str(path)), 1))[1].tobytes()
+        (defect_folder / f"{sha256(data)}.png").write_bytes(data)
+        rows.append({"file": f"{sha256(data)}.png", "verdict": "defect"})
+    (factory / "line/widget").mkdir(parents=True)
+    with (factory / "line/widget/harvests.csv").open("w", newline="") as handle:
+        import csv
+
+        writer = csv.DictWriter(handle, LABEL_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+
+    def version_with(thresholds: dict[str, float]) -> str:
+        copy = factory.parent / f"bundle-{len(list(factory.parent.glob('bundle-*')))}"
+        shutil.copytree(bundle, copy)
+        meta = json.loads((copy / "metadata.json").read_text())
+        meta["thresholds"] |= thresholds
+        (copy / "metadata.json").write_text(json.dumps(meta))
+        tracking.configure(factory)
+        with mlflow.start_run(experiment_id=tracking.experiment_id("urd-demo", factory)):
+            tags = data_tags(factory, "widget") | {"weights_md5": file_md5(template.parent / "model" / "model.safetensors")}
+            return str(register_bundle(copy, "demo", "widget", tags).version)
+
+    image_threshold = json.loads((bundle / "metadata.json").read_text())["thresholds"]["image_threshold"]
+    careful = version_with({"review_threshold": -1e9})  # every part at least reviewed: no escapes
+    first = promote(_params(factory), "widget", factory, version=careful)
+    assert first.decision == "promote" and first.candidate_metrics["field_escape_rate"] == 0.0
+    assert 0 <= first.candidate_metrics["field_false_reject_rate"] <= 1
+
+    careless = version_with({"review_threshold": image_threshold + 1e6, "image_threshold": image_threshold + 1e6})  # accepts everything
+    decision = promote(_params(factory), "widget", factory, version=careless)
+    assert decision.recalibration and decision.decision == "reject" and _production() == careful
+    assert decision.candidate_metrics["field_escape_rate"] == 1.0 and decision.production_metrics["field_escape_rate"] == 0.0
+    assert "field_escape_rate 1.0000 is 1.0000 above production" in decision.reason and "(recalibration: same weights)" in decision.summary()
+    tags = _client().get_model_version(MODEL, careless).tags
+    assert tags["promotion.recalibration"] == "true" and tags["promotion.candidate.field_escape_rate"] == "1.0000"

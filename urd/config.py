@@ -233,12 +233,18 @@ class PackageParams(_Section):
 class PromoteParams(_Section):
     """The promotion gate (pipeline/promotion.py): a candidate moves the registry alias
     ``production`` only if it clears every floor on the current test split and, when a production
-    model exists, is not worse than it on the same images by more than ``max_regression``."""
+    model exists, is not worse than it on the same images by more than ``max_regression``; with a
+    field set, each model at its own operating point lets no more confirmed defects through and
+    rejects no more good parts than the ``max_*_increase`` allow."""
 
     min_image_auroc: float = Field(0.90, ge=0, description="floor on the candidate's test image AUROC (above 1: never promote automatically)")
     min_pixel_auroc: float = Field(0.90, ge=0, description="floor on the candidate's test pixel AUROC (skipped for data without masks)")
     min_aupro: float = Field(0.70, ge=0, description="floor on the candidate's test AUPRO (skipped for data without masks)")
     max_regression: float = Field(0.01, ge=0, le=1, description="largest drop allowed against production, per metric, on the same test images")
+    max_escape_increase: float = Field(0.0, ge=0, le=1, description="with a field set: largest rise allowed against production in the share of "
+                                       "its confirmed defects accepted without review, each model at its own thresholds")
+    max_false_reject_increase: float = Field(0.01, ge=0, le=1, description="with a field set: largest rise allowed against production in the "
+                                             "share of the val normals rejected, each model at its own thresholds")
 
 
 class ServeParams(_Section):
