@@ -16,7 +16,8 @@
   a category ``dvc status`` still reports changed afterwards fails the run, and Prefect events
   (``urd.retrain.failed``, ``urd.category.failed``, ``urd.promotion.rejected``) feed the
   automation of ``python -m pipeline notify``.
-* ``serve_retrain``: ``retrain`` served as ``retrain/served`` on the cron of ``params.retrain`` (one host).
+* ``serve_retrain``: ``retrain`` served as ``retrain/served`` on the cron of ``params.retrain``, with
+  the drift monitor and its response (pipeline/loop.py) beside it (one host).
   Several hosts: ``prefect.yaml`` (deployments on a ``process`` work pool).
 """
 
@@ -280,7 +281,8 @@ def _announce(results, emit_event) -> None:
 
 
 def serve_retrain(params: Params) -> None:
-    """Serve ``retrain`` as the deployment ``retrain/served`` on ``params.retrain``'s cron (blocks).
+    """Serve ``retrain`` as the deployment ``retrain/served`` on ``params.retrain``'s cron, with the
+    drift loop's ``monitor/served`` and ``respond/served`` (pipeline/loop.py) beside it (blocks).
     Its runs execute here, in this checkout; prefect.yaml's ``retrain/retrain`` is the work-pool one.
     Refused while ``retrain/retrain`` is scheduled on this same checkout."""
     from prefect.schedules import Cron
@@ -290,5 +292,11 @@ def serve_retrain(params: Params) -> None:
         raise RuntimeError(f"the work-pool deployment retrain/retrain already retrains this checkout ({Path.cwd().resolve()}) on a schedule; "
                            "two schedules on one checkout would fight over its DVC lock. Use one mode: either keep retrain/retrain "
                            "(prefect.yaml) and do not run `serve`, or remove it first: `prefect deployment delete retrain/retrain`.")
-    retrain.serve(name="served", schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
-                  parameters={"root": str(Path.cwd().resolve())})
+    from prefect import serve
+
+    from .loop import loop_deployments
+
+    root = Path.cwd().resolve()
+    serve(retrain.to_deployment(name="served", schedules=[Cron(params.retrain.cron, timezone=params.retrain.timezone)],
+                                parameters={"root": str(root)}),
+          *loop_deployments(params, root))

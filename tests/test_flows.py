@@ -85,11 +85,22 @@ def test_an_override_changes_only_that_categorys_stage_params():
 
 def test_prefect_yaml_schedules_what_params_yaml_schedules():
     deployments = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
-    assert set(deployments) == {"retrain", "train-category"}
+    assert set(deployments) == {"retrain", "train-category", "monitor", "respond"}
     schedule = deployments["retrain"]["schedules"][0]
     params = Params.model_validate(yaml.safe_load((REPO / "params.yaml").read_text()))
     assert (schedule["cron"], schedule["timezone"]) == (params.retrain.cron, params.retrain.timezone) == (RetrainParams().cron, "UTC")
     assert deployments["retrain"]["entrypoint"] == "pipeline/flows.py:retrain" and deployments["train-category"]["entrypoint"] == "pipeline/fanout.py:build_category"
+    # the drift loop: the monitor's interval is the one its false-alarm budget is split over, and the
+    # respond trigger is the one `python -m pipeline serve` declares
+    from pipeline.loop import respond_trigger
+    from urd.config import MonitorParams
+
+    assert deployments["monitor"]["schedules"][0]["interval"] == params.monitor.every_minutes * 60 == MonitorParams().every_minutes * 60
+    assert deployments["monitor"]["entrypoint"] == "pipeline/loop.py:monitor" and deployments["respond"]["entrypoint"] == "pipeline/loop.py:respond"
+    [declared] = deployments["respond"]["triggers"]
+    served = respond_trigger()
+    assert declared["match"] == served.match.model_dump() and set(declared["expect"]) == served.expect
+    assert declared["parameters"] == served.parameters
 
 
 def test_serve_refuses_to_start_without_a_server(monkeypatch):

@@ -52,3 +52,59 @@ def test_a_brighter_camera_is_reported_as_a_lighting_change_and_the_others_are_q
     assert bright.alpha_per_test == 1e-3 / 2 / 5  # two cameras tested, five tests each
     assert reports["cam-new"].assessment is None and reports["cam-new"].parts == 10
     ledger.engine.dispose()
+
+
+def _report(camera: str, drift: bool | None, parts: int = 200):
+    from urd.drift import Assessment
+    from urd.service.monitor import CameraReport
+
+    assessment = None if drift is None else Assessment(drift, "camera or lighting" if drift else "none", 1e-4, {"parts": parts})
+    return CameraReport(camera, parts, assessment)
+
+
+def test_a_drift_is_raised_once_cleared_when_quiet_and_reviewed_when_the_reviews_are_in(tmp_path):
+    from urd.service.monitor import drift_transitions
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.upgrade()
+    digest, model = "d" * 64, ("urd-demo-widget", "3")
+
+    def run(reports, normals=0):
+        return [(name, p["camera"]) for name, p in drift_transitions(ledger, "widget", digest, model, reports, normals, 50)]
+
+    assert run([_report("c1", False), _report("c2", None, 5)]) == []
+    assert run([_report("c1", True), _report("c2", False)]) == [("urd.drift.detected", "c1")]
+    assert run([_report("c1", True)]) == []  # still drifting: not raised again every run
+    # the response asked for reviews; once 50 confirmed-good parts wait, the monitor says so (once)
+    ledger.add_model_event("widget", "drift_waiting", *model, digest, {"camera": "c1", "needed": 50})
+    assert run([_report("c1", True)], normals=49) == []
+    assert run([_report("c1", True)], normals=50) == [("urd.drift.reviewed", "c1")]
+    assert run([_report("c1", True)], normals=80) == []
+    assert run([_report("c1", False)]) == []  # quiet again: cleared, so a later drift is a new one
+    assert [e.event for e in ledger.events("widget")] == ["drift", "drift_waiting", "drift_reviewed", "drift_cleared"]
+    assert run([_report("c1", True)]) == [("urd.drift.detected", "c1")]
+    # another model's record is its own: the new model's first drift is raised
+    assert [n for n, _ in drift_transitions(ledger, "widget", "e" * 64, ("urd-demo-widget", "4"), [_report("c1", True)], 0, 50)] == [
+        "urd.drift.detected"]
+    detected = [e for e in ledger.events("widget") if e.event == "drift"][0]
+    assert detected.detail["cause"] == "camera or lighting" and detected.detail["alpha_per_test"] == 1e-4
+    ledger.engine.dispose()
+
+
+def test_the_false_alarm_budget_is_split_over_runs_and_categories_and_widening_lowers_the_review_edge(packaged, tmp_path):
+    from pipeline.loop import alpha_per_run, widen_review
+    from urd.config import parse_params
+
+    assert alpha_per_run(parse_params({}), 2) == 0.01 / 24 / 2
+    assert alpha_per_run(parse_params({"monitor": {"every_minutes": 15, "false_alarms_per_day": 0.05}}), 1) == 0.05 / 96
+    bundle = packaged / "bundle"
+    thresholds = json.loads((bundle / "metadata.json").read_text())["thresholds"]
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.upgrade()
+    served = ("bundle:x", "local", bundle_digest(bundle), bundle)
+    note = widen_review(ledger, "widget", served, 0.5)
+    row = ledger.latest_threshold("widget", served[2])
+    assert row.source == "drift" and row.image_threshold == thresholds["image_threshold"]
+    assert row.review_threshold == np.quantile(thresholds["val_scores"], 0.5, method="lower") and "lowered" in note
+    assert "already wide" in widen_review(ledger, "widget", served, 0.4) and len(ledger.events()) == 0
+    ledger.engine.dispose()

@@ -30,7 +30,7 @@ DatasetName = Literal["demo", "mvtec", "mpdd", "btad", "visa", "folder"]
 
 # Settings of how a job runs, not of what it computes: a change reruns no DVC stage and does not
 # stop a checkpoint from being resumed.
-RUNTIME_KEYS: dict[str, set[str] | bool] = {"train": {"threads"}, "serve": True}
+RUNTIME_KEYS: dict[str, set[str] | bool] = {"train": {"threads"}, "serve": True, "monitor": True}
 
 
 class ConfigError(ValueError):
@@ -276,6 +276,19 @@ class HarvestParams(_Section):
                             "data) is kept: <field_root>/<dataset>/<category>/defect/ with labels.csv")
 
 
+class MonitorParams(_Section):
+    """The drift monitor (``monitor`` flow, pipeline/loop.py) and its answer (``respond``)."""
+
+    every_minutes: float = Field(60, gt=0, description="how often the monitor runs (its schedule)")
+    window_hours: float = Field(8, gt=0, description="the recent stretch of the line each run assesses")
+    false_alarms_per_day: float = Field(0.01, gt=0, lt=1, description="family-wise false-alarm probability per day: split (Bonferroni) over "
+                                        "the day's runs, the categories, their cameras and each camera's tests")
+    min_parts: int = Field(100, ge=10, description="a camera with fewer recent parts (of the served model) is reported, not tested")
+    max_images: int = Field(500, ge=10, description="recent images per camera whose brightness, contrast and sharpness are measured")
+    widen_review_to: float = Field(0.2, gt=0, lt=1, description="while a drift waits for reviews: the share of the val normals sent to review "
+                                   "(the review threshold is lowered to that quantile), so confirmed-good parts arrive sooner")
+
+
 class RetrainParams(_Section):
     """Unattended retraining (pipeline/flows.py, `python -m pipeline serve`)."""
 
@@ -286,6 +299,8 @@ class RetrainParams(_Section):
     retry_delay_seconds: float = Field(30, ge=0)
     lock_wait_minutes: float = Field(30, ge=0, description="while another DVC process holds the checkout's lock, every DVC call of the flow "
                                      "waits and tries again for up to this long (then the run fails, saying so)")
+    min_new_normals: int = Field(50, ge=1, description="after a drift: confirmed-good parts, reviewed and not yet harvested, needed before the "
+                                 "respond flow harvests and retrains the category (fewer: it asks for the rest and widens the review band)")
 
     @field_validator("cron")
     @classmethod
@@ -308,6 +323,7 @@ class Params(_Section):
     retrain: RetrainParams = Field(default_factory=RetrainParams)
     serve: ServeParams = Field(default_factory=ServeParams)
     harvest: HarvestParams = Field(default_factory=HarvestParams)
+    monitor: MonitorParams = Field(default_factory=MonitorParams)
     overrides: dict[str, dict[str, Any]] = Field(
         default_factory=dict, description="per-category values, e.g. {cable: {train: {iterations: 10000}}}"
     )

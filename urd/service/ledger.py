@@ -79,7 +79,7 @@ class ThresholdVersion(Base):
     bundle_digest: Mapped[str] = mapped_column(String(64))
     review_threshold: Mapped[float] = mapped_column(Float)
     image_threshold: Mapped[float] = mapped_column(Float)
-    source: Mapped[str] = mapped_column(String(32))  # calibration (the bundle's) | admin
+    source: Mapped[str] = mapped_column(String(32))  # calibration (the bundle's) | admin | drift (widened by the respond flow)
     set_by: Mapped[str] = mapped_column(String(128))
     note: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -243,6 +243,11 @@ class Ledger:
     def by_client_key(self, category: str, key: str) -> Inspection | None:
         with self.session() as session:
             return session.scalars(select(Inspection).where(Inspection.category == category, Inspection.client_key == key)).first()
+
+    def latest_inspection(self, category: str) -> Inspection | None:
+        with self.session() as session:
+            query = select(Inspection).where(Inspection.category == category).order_by(Inspection.created_at.desc(), Inspection.id.desc())
+            return session.scalars(query.limit(1)).first()
 
     def latest_threshold(self, category: str, bundle_digest: str) -> ThresholdVersion | None:
         with self.session() as session:

@@ -147,8 +147,6 @@ class RegistrySource:
         self.dataset, self.alias, self.cache = dataset, alias, Path(cache)
 
     def locate(self, category: str) -> tuple[str, str, str | None, Path]:
-        import os
-
         import mlflow
         from mlflow import MlflowClient
         from mlflow.exceptions import MlflowException
@@ -159,14 +157,22 @@ class RegistrySource:
         except MlflowException as exc:
             raise LookupError(f"{name} has no version with the alias {self.alias!r} in the registry at {mlflow.get_tracking_uri()} "
                               f"(promote one with `python -m pipeline promote`, or serve --alias candidate for a trial)") from exc
-        target = self.cache / name / version
-        if not (target / ".complete").is_file():
-            os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-            target.mkdir(parents=True, exist_ok=True)
-            mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(target))
-            (target / ".complete").touch()
-        bundle = next(target.rglob(METADATA_FILE)).parent
-        return name, version, self.alias, bundle
+        return name, version, self.alias, download_version(name, version, self.cache)
+
+
+def download_version(name: str, version: str, cache: Path) -> Path:
+    """The bundle folder of a registered version, downloaded once into ``cache/<name>/<version>``."""
+    import os
+
+    import mlflow
+
+    target = Path(cache) / name / version
+    if not (target / ".complete").is_file():
+        os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+        target.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}/{version}", dst_path=str(target))
+        (target / ".complete").touch()
+    return next(target.rglob(METADATA_FILE)).parent
 
 
 class ModelBook:

@@ -6,6 +6,11 @@ images' statistics (``reference.json``, written at package time). The recent ima
 come from the image store. One family-wise ``alpha`` per run is split over the cameras assessed
 (Bonferroni), and within a camera over its tests (urd.drift.assess); a camera with fewer than
 ``min_parts`` recent parts is reported as such, not tested.
+
+What the monitor has said is kept in the ledger's model events, per category, camera and served
+bundle (:func:`drift_transitions`): ``drift`` when a camera starts drifting (the one time an alarm
+is raised), ``drift_cleared`` when it is quiet again, ``drift_waiting`` / ``drift_retrain`` from the
+response (pipeline/loop.py) and ``drift_reviewed`` once the reviews it waited for are in.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ import numpy as np
 
 from ..calibrate import review_threshold
 from ..drift import IMAGE_STATISTICS, Assessment, assess, image_statistics, read_reference
-from .ledger import Ledger
+from .ledger import Ledger, ModelEvent
 from .models import bundle_digest
 from .store import ImageStore
 from .uploads import decode_upload
@@ -67,3 +72,39 @@ def monitor_category(ledger: Ledger, store: ImageStore | None, category: str, bu
                         reference_images if recent_images else None, recent_images, alpha=alpha / len(testable))
         reports.append(CameraReport(camera, len(rows), result, sorted({f"{r.model_name}:{r.model_version}" for r in rows})))
     return reports
+
+
+DRIFT_EVENTS = ("drift", "drift_cleared", "drift_waiting", "drift_reviewed", "drift_retrain")
+
+
+def drift_state(ledger: Ledger, category: str, digest: str, camera: str) -> ModelEvent | None:
+    """The latest drift event of a camera for the bundle ``digest`` (None: never drifted)."""
+    found = [e for e in ledger.events(category)
+             if e.event in DRIFT_EVENTS and e.bundle_digest == digest and (e.detail or {}).get("camera") in (camera, None)]
+    return found[-1] if found else None
+
+
+def drift_transitions(ledger: Ledger, category: str, digest: str, model: tuple[str, str], reports: list[CameraReport],
+                      new_normals: int, min_new_normals: int) -> list[tuple[str, dict[str, Any]]]:
+    """Record what changed since the last run and return the alarms to raise, as (event name,
+    payload): ``urd.drift.detected`` once per drift of a camera (not again every run while it
+    lasts), ``urd.drift.reviewed`` once a drift that waited for reviews has ``min_new_normals``."""
+    raised = []
+    for report in reports:
+        state = drift_state(ledger, category, digest, report.camera)
+        last = state.event if state else None
+        base = {"category": category, "camera": report.camera, "model": model[0], "version": model[1], "parts": report.parts}
+        if report.assessment is None:
+            continue
+        if report.assessment.drift and last in (None, "drift_cleared"):
+            payload = base | {"cause": report.assessment.cause, "alpha_per_test": report.assessment.alpha_per_test,
+                              "evidence": report.assessment.evidence}
+            ledger.add_model_event(category, "drift", model[0], model[1], digest, payload)
+            raised.append(("urd.drift.detected", payload))
+        elif report.assessment.drift and last == "drift_waiting" and new_normals >= min_new_normals:
+            payload = base | {"new_normals": new_normals}
+            ledger.add_model_event(category, "drift_reviewed", model[0], model[1], digest, payload)
+            raised.append(("urd.drift.reviewed", payload))
+        elif not report.assessment.drift and last not in (None, "drift_cleared"):
+            ledger.add_model_event(category, "drift_cleared", model[0], model[1], digest, base)
+    return raised
