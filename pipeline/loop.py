@@ -129,9 +129,10 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
     figures, metrics, raised, summary = {}, {}, [], {}
     ledger = Ledger(params.serve.ledger)
     try:
+        ledger.upgrade()  # a ledger no service has written yet is an empty one, not an error
         for category in wanted:
             p = params.for_category(category)
-            served = served_bundle(ledger, category, root_path / ".urd-cache" / "monitor")
+            served = served_bundle(ledger, category, root_path / ".serve-cache" / "monitor")
             if served is None:
                 lines.append(f"| {category} | - | 0 | - | - | - | - | - | no parts on record |")
                 summary[category] = "no parts"
@@ -208,7 +209,7 @@ def respond(category: str, camera: str = "-", root: str = ".") -> dict[str, Any]
     p = params.for_category(category)
     ledger = Ledger(p.serve.ledger)
     try:
-        served = served_bundle(ledger, category, root_path / ".urd-cache" / "monitor")
+        served = served_bundle(ledger, category, root_path / ".serve-cache" / "monitor")
         waiting = new_normals(ledger, category)
         needed = p.retrain.min_new_normals
         if waiting < needed:

@@ -60,6 +60,11 @@ def test_assessment_tells_lighting_from_parts_and_is_quiet_when_stable():
     parts = assess(reference, rng.normal(1.2, 0.1, 300), review, ref_stats, _stats(rng, 100))
     assert parts.drift and parts.cause == "parts" and parts.evidence["flag_rate"]["rate"] > 0.3
 
+    # the same distribution, only more of it past the review threshold than the reference promised: the thresholds, not the parts
+    few_flagged = np.sort(reference)[:380]  # a reference whose own flagged share (about 0) understates the line's (5%)
+    calibration = assess(np.r_[few_flagged, few_flagged[-20:]], rng.normal(1.0, 0.1, 2000), float(few_flagged[-1]) + 1e-9, alpha=1e-3)
+    assert calibration.drift and calibration.cause == "flag rate" and calibration.evidence["scores"]["p_value"] >= calibration.alpha_per_test
+
 
 def test_false_alarms_on_stable_stretches_stay_within_alpha():
     """Each model keeps one reference for its life: the alarm rate must hold for a fixed reference,
