@@ -183,7 +183,7 @@ def package(params: Params, category: str) -> None:
         if p.package.quantize == "int8":
             add_int8_graph(out["bundle"], manifest, p.dataset.image_size)
         write_challenge_set(out["bundle"], manifest, seed=p.seed)
-        write_reference(out["bundle"], manifest)
+        write_reference(out["bundle"], manifest, dataset_root=p.dataset.root, category=category)
         card_json, card_md = write_model_card(out["bundle"], manifest)
         mlflow.log_artifact(str(card_md), "model_card")
         mlflow.log_artifact(str(card_json), "model_card")

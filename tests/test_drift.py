@@ -76,3 +76,36 @@ def test_false_alarms_on_stable_stretches_stay_within_alpha():
         review = float(np.quantile(reference, 0.95))
         alarms += sum(assess(reference, rng.normal(0, 1, 200), review, alpha=0.05).drift for _ in range(100))
     assert alarms <= 35  # at most 20 of 400 expected at alpha 0.05 (Bonferroni is conservative)
+
+
+def test_the_reference_is_the_newest_harvest_when_it_brought_enough_parts_else_the_training_split(tmp_path):
+    import csv
+
+    import cv2
+    import pandas as pd
+
+    from urd.data.field import LABEL_COLUMNS
+    from urd.drift import LINE_REFERENCE_MIN, read_reference, write_reference
+
+    good = tmp_path / "data" / "widget" / "train" / "good"
+    good.mkdir(parents=True)
+    rows, paths = [], []
+    for i, (level, harvest) in enumerate([(60, "")] * 30 + [(100, "h1")] * 10 + [(180, "h2")] * LINE_REFERENCE_MIN):
+        path = good / f"{i:03d}.png"
+        cv2.imwrite(str(path), np.full((16, 16, 3), level, np.uint8))
+        paths.append(str(path))
+        if harvest:
+            rows.append({"file": path.name, "harvest_id": harvest, "verdict": "good", "inspected_at": f"2026-12-0{1 if harvest == 'h1' else 2}T10:00:00"})
+    manifest = pd.DataFrame({"path": paths, "split": "train"})
+    with (tmp_path / "data" / "widget" / "harvests.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, LABEL_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    plain = write_reference(tmp_path / "a", manifest)
+    assert plain["source"] == "train split" and plain["images"] == 30 + 10 + LINE_REFERENCE_MIN
+    line = write_reference(tmp_path / "b", manifest, dataset_root=tmp_path / "data", category="widget")
+    assert line["source"].startswith("harvest h2") and line["images"] == LINE_REFERENCE_MIN
+    assert set(read_reference(tmp_path / "b")["brightness"]) == {180.0}
+    # one image short of the minimum: back to the training split
+    short = manifest.drop(index=len(manifest) - 1)
+    assert write_reference(tmp_path / "c", short, dataset_root=tmp_path / "data", category="widget")["source"] == "train split"

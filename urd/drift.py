@@ -115,14 +115,32 @@ def assess(
     return Assessment(images_shifted or distribution_shifted or flag_rate_high, cause, alpha_each, evidence)
 
 
-def write_reference(bundle_dir: str | Path, manifest, limit: int = 500) -> dict[str, Any]:
-    """Store the image statistics of (up to ``limit``) training images in the bundle, the reference a
-    drift monitor compares the line's images with."""
+LINE_REFERENCE_MIN = 20  # confirmed-good parts of one harvest that make it the picture of the line
+
+
+def write_reference(bundle_dir: str | Path, manifest, limit: int = 500, dataset_root: str | Path | None = None,
+                    category: str | None = None) -> dict[str, Any]:
+    """Store the image statistics of the images a drift monitor compares the line's with: the
+    training split (up to ``limit`` images), or, when the newest harvest of the category
+    (``dataset_root``/``category``/harvests.csv) brought at least LINE_REFERENCE_MIN confirmed-good
+    parts into training, those: what reviewers confirmed the line looks like now. After a lighting
+    change and the retrain on its reviewed parts, the monitor then watches the new lighting
+    instead of raising the old change again."""
+    from .data.field import PROVENANCE, read_rows
     from .data.images import read_image
 
-    train = manifest[manifest["split"] == "train"].sort_values("path").head(limit)
-    per = [image_statistics(read_image(path)) for path in train["path"]]
-    reference = {"images": len(per), "source": "train split", "image_statistics": {k: [round(p[k], 4) for p in per] for k in IMAGE_STATISTICS}}
+    train = manifest[manifest["split"] == "train"].sort_values("path")
+    source = "train split"
+    if dataset_root is not None and category is not None:
+        harvested = [r for r in read_rows(Path(dataset_root) / category / PROVENANCE) if r.get("verdict", "good") == "good" and r.get("harvest_id")]
+        if harvested:
+            newest = max(harvested, key=lambda r: r.get("inspected_at", ""))["harvest_id"]
+            names = {r["file"] for r in harvested if r["harvest_id"] == newest}
+            line = train[train["path"].map(lambda p: Path(p).name in names)]
+            if len(line) >= LINE_REFERENCE_MIN:
+                train, source = line, f"harvest {newest} ({len(line)} confirmed-good parts from the line)"
+    per = [image_statistics(read_image(path)) for path in train["path"].head(limit)]
+    reference = {"images": len(per), "source": source, "image_statistics": {k: [round(p[k], 4) for p in per] for k in IMAGE_STATISTICS}}
     atomic_write_text(Path(bundle_dir) / REFERENCE_FILE, json.dumps(reference) + "\n")
     return reference
 
