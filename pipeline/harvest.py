@@ -22,7 +22,7 @@ import yaml
 from urd.config import Params
 from urd.data.field import field_set_folder
 from urd.service.harvest import HarvestResult, harvest
-from urd.service.ledger import Ledger
+from urd.service.ledger import Ledger, ledger_url
 from urd.service.store import ImageStore
 
 from .workspace import dvc
@@ -68,7 +68,7 @@ def version_harvest(root: Path, dataset_root: Path, result: HarvestResult, log: 
 def harvest_category(params: Params, category: str, root: str | Path = ".", log: Callable[[str], None] = print) -> dict[str, Any]:
     root = Path(root)
     p = params.for_category(category)
-    ledger = Ledger(p.serve.ledger)
+    ledger = Ledger(ledger_url(p.serve.ledger, root))
     try:
         ledger.upgrade()
         store = ImageStore(root / p.serve.image_store, p.serve.retention_days)

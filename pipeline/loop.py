@@ -109,7 +109,7 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
     from prefect.events import emit_event
 
     from urd.calibrate import review_threshold
-    from urd.service.ledger import Ledger, hours_ago
+    from urd.service.ledger import Ledger, hours_ago, ledger_url
     from urd.service.monitor import drift_transitions, monitor_category
     from urd.service.store import ImageStore
 
@@ -127,7 +127,7 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
              "| category | camera | parts | scores KS p | PSI | flag rate | brightness | alpha per test | status |",
              "|---|---|---|---|---|---|---|---|---|"]
     figures, metrics, raised, summary = {}, {}, [], {}
-    ledger = Ledger(params.serve.ledger)
+    ledger = Ledger(ledger_url(params.serve.ledger, root_path))
     try:
         ledger.upgrade()  # a ledger no service has written yet is an empty one, not an error
         for category in wanted:
@@ -198,7 +198,7 @@ def respond(category: str, camera: str = "-", root: str = ".") -> dict[str, Any]
     parts wait, else ask for reviews and widen its review band; see the module doc."""
     from prefect.artifacts import create_markdown_artifact
 
-    from urd.service.ledger import Ledger
+    from urd.service.ledger import Ledger, ledger_url
 
     from .flows import retrain
     from .harvest import harvest_category
@@ -207,7 +207,7 @@ def respond(category: str, camera: str = "-", root: str = ".") -> dict[str, Any]
     root_path = Path(root).resolve()
     params = load_params(root_path / "params.yaml")
     p = params.for_category(category)
-    ledger = Ledger(p.serve.ledger)
+    ledger = Ledger(ledger_url(p.serve.ledger, root_path))
     try:
         served = served_bundle(ledger, category, root_path / ".serve-cache" / "monitor")
         waiting = new_normals(ledger, category)
@@ -228,7 +228,7 @@ def respond(category: str, camera: str = "-", root: str = ".") -> dict[str, Any]
         ledger.engine.dispose()
     harvested = harvest_category(params, category, root_path, log=logger.info)
     result = retrain(categories=[category], root=str(root_path))
-    ledger = Ledger(p.serve.ledger)
+    ledger = Ledger(ledger_url(p.serve.ledger, root_path))
     try:
         if served:
             ledger.add_model_event(category, "drift_retrain", served[0], served[1], served[2],

@@ -221,3 +221,11 @@ def test_a_dataset_that_is_a_stages_output_is_committed_to_that_stage(tmp_path, 
                            folders=[tmp_path / "data" / "raw" / "demo" / "widget" / "train" / "good"]), log=lambda line: None)
     assert done == ["dvc commit demo_data (data/raw/demo)"]
     assert "modified" not in dvc("status")
+
+
+def test_a_relative_sqlite_ledger_is_the_checkouts_not_the_working_directorys(tmp_path):
+    from urd.service.ledger import ledger_url
+
+    assert ledger_url("sqlite:///ledger.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'ledger.db'}"
+    assert ledger_url(f"sqlite:///{tmp_path}/x.db", "/elsewhere") == f"sqlite:///{tmp_path}/x.db"
+    assert ledger_url("postgresql+psycopg://urd@db/urd", tmp_path) == "postgresql+psycopg://urd@db/urd"

@@ -172,6 +172,15 @@ def make_engine(url: str) -> Engine:
     return create_engine(url, pool_pre_ping=True, pool_size=8, max_overflow=8, connect_args={"connect_timeout": 5} if "psycopg" in url else {})
 
 
+def ledger_url(url: str, root: str | Path) -> str:
+    """``url`` with a relative SQLite path taken from ``root`` (the checkout a flow works on), not
+    from wherever the process happens to run."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str((Path(root) / url[len(prefix):]).resolve())
+    return url
+
+
 class Ledger:
     """The record of one service (or of several replicas sharing a PostgreSQL database)."""
 
