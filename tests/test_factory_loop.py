@@ -139,7 +139,8 @@ def test_a_brighter_camera_is_answered_by_a_gated_retrain_of_that_category_alone
             # 3. one drift event, for tiles' camera, answered by respond asking for reviews
             result = monitor(root=str(checkout))
             assert result["alarms"] == ["urd.drift.detected"] and result["categories"]["widget"] == ["cam1: stable"], result
-            assert [e["resource"]["prefect.resource.id"] for e in _events(api)] == ["urd.camera.tiles.cam1"]
+            events = _wait("the drift event", lambda: _events(api), 30, [])
+            assert [e["resource"]["prefect.resource.id"] for e in events] == ["urd.camera.tiles.cam1"]
             with get_client(sync_client=True) as client:
                 runs = _wait("respond to the drift", lambda: _finished(client, "respond", 1), 300, [responder_log])
             assert runs[0].state.is_completed() and runs[0].parameters["category"] == "tiles", responder_log.read_text()[-3000:]
