@@ -15,8 +15,15 @@ The monitor runs the product's assessment (urd.drift.assess) on the compressed s
 the false-alarm budget of ``MonitorParams.false_alarms_per_day`` split (Bonferroni) over the runs
 of a day, the categories and the tests of a run, exactly as the ``monitor`` flow splits it.
 
+Then the answer (``--harvest`` > 0): that many bright normal parts, as reviewers would confirm
+them, go into a copy of the category's training folder with their ``harvests.csv`` rows, exactly as
+the harvest writes them; ``urd run`` retrains and calibrates the category on it and ``urd export``
+packages it (its drift reference is then that harvest: the line as reviewers confirmed it). The
+bright line is replayed through the new model (normal parts the retrain never saw) with the
+monitor on the new reference: error rates and alarms after the retrain.
+
 What it does not do: HTTP, the ledger and Prefect are not in this loop (they are exercised by
-tests/test_loop.py and tests/test_service_live.py); no retrain is simulated.
+tests/test_loop.py, tests/test_factory_loop.py and tests/test_service_live.py).
 
 Writes bench/results/factory_sim.json and .md.
 """
@@ -97,6 +104,46 @@ def rates(scores: np.ndarray, labels: np.ndarray, calibration: dict) -> dict[str
             "review_rate": float(((scores >= review_threshold(calibration)) & (scores < calibration["image_threshold"])).mean())}
 
 
+def retrain_on_reviews(category: str, dataset_root: Path, images: list[np.ndarray], gain: float, tmp: Path) -> tuple[Path, float]:
+    """A copy of the category's data with ``images`` (x ``gain``) harvested into train/good (named by
+    sha256, listed in harvests.csv as the harvest writes them), retrained, calibrated and exported
+    with the repository's params; returns the bundle and the seconds it took."""
+    import csv
+    import hashlib
+    import shutil
+    import subprocess
+
+    import yaml
+
+    from urd.data.field import LABEL_COLUMNS, PROVENANCE
+
+    data = tmp / f"retrain-{category}" / "data"
+    shutil.copytree(dataset_root / category, data / category)
+    rows = []
+    for k, image in enumerate(images):
+        bright = np.clip(image.astype(np.float32) * gain, 0, 255).astype(np.uint8)
+        png = cv2.imencode(".png", cv2.cvtColor(bright, cv2.COLOR_RGB2BGR))[1].tobytes()
+        name = f"{hashlib.sha256(png).hexdigest()}.png"
+        (data / category / "train" / "good" / name).write_bytes(png)
+        rows.append({"file": name, "inspection_id": f"sim-{k}", "harvest_id": "sim", "verdict": "good", "reviewer": "sim",
+                     "inspected_at": "2026-01-01T00:00:00+00:00", "camera": "cam1"})
+    with (data / category / PROVENANCE).open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, LABEL_COLUMNS, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    params = yaml.safe_load(Path("params.yaml").read_text())
+    params["dataset"] |= {"root": str(data), "categories": [category]}
+    params_file = data.parent / "params.yaml"
+    params_file.write_text(yaml.safe_dump(params))
+    models, started = data.parent / "models", time.perf_counter()
+    for command in (["run", "--params", str(params_file), "--models", str(models), "--reports", str(data.parent / "reports")],
+                    ["export", "--model", str(models / category), "--params", str(params_file)]):
+        done = subprocess.run([sys.executable, "-m", "urd", *command], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"urd {command[0]} failed: {done.stdout[-2000:]}{done.stderr[-2000:]}")
+    return models / category / "bundle", time.perf_counter() - started
+
+
 def simulate(category: str, bundle: Path, args, monitor: MonitorParams, categories: int, tmp: Path) -> dict:
     model = load_served_model(category, bundle, f"bundle:{bundle}", "local", None)
     calibration = model.calibration
@@ -133,6 +180,26 @@ def simulate(category: str, bundle: Path, args, monitor: MonitorParams, categori
         delays.append(None if early else (first[0] - shift if first else None))
         causes.append(first[2] if first else "not detected")
     detected = [d for d in delays if d is not None]
+    after_retrain = None
+    if args.harvest:
+        # reviewers confirm the first `harvest` bright normal parts; the line afterwards shows the others
+        good = np.flatnonzero(labels == 0)
+        reviewed, unseen = good[:args.harvest], np.r_[good[args.harvest:], np.flatnonzero(labels == 1)]
+        new_bundle, seconds = retrain_on_reviews(category, Path(args.dataset_root), [images[i] for i in reviewed], args.gain, tmp)
+        new = load_served_model(category, new_bundle, f"bundle:{new_bundle}", "local", None)
+        rest = [images[i] for i in unseen]
+        new_scores, new_stats = score_pool(new, rest, args.gain)
+        new_labels = labels[unseen]
+        idx_after = stream(rng, new_labels, args.parts_after, args.defect_rate)
+        runs = run_monitor(new_scores[idx_after], {k: v[idx_after] for k, v in new_stats.items()}, np.asarray(new.calibration["val_scores"]),
+                           read_reference(new_bundle), review_threshold(new.calibration), every, window, monitor.max_images, monitor.min_parts, alpha)
+        after_retrain = {"harvested_parts": int(args.harvest), "retrain_seconds": round(seconds, 1),
+                         "reference": json.loads((new_bundle / "reference.json").read_text())["source"],
+                         "rates": rates(new_scores[idx_after], new_labels[idx_after], new.calibration),
+                         "parts": args.parts_after, "runs": len(runs), "alarms": int(sum(r[1] for r in runs)),
+                         "alarm_tests": [r[3] for r in runs if r[1]],
+                         "flagged_share_val_vs_line": [float((np.asarray(new.calibration["val_scores"]) >= review_threshold(new.calibration)).mean()),
+                                                       float((new_scores[idx_after] >= review_threshold(new.calibration)).mean())]}
     return {
         "category": category, "pool_images": len(images), "pool_defects": int(labels.sum()), "pool_seconds": round(pool_s, 1),
         "run_every_parts": every, "window_parts": window, "alpha_per_run": alpha, "alpha_per_test": alpha / 5,
@@ -149,6 +216,7 @@ def simulate(category: str, bundle: Path, args, monitor: MonitorParams, categori
         "before_shift": rates(base_scores[idx], labels[idx], calibration),
         "during_shift": rates(shifted_scores[idx], labels[idx], calibration),
         "brightness_median_before_after": [float(np.median(base_stats["brightness"])), float(np.median(shifted_stats["brightness"]))],
+        "after_retrain": after_retrain,
     }
 
 
@@ -167,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--pool", type=int, default=600, help="distinct normal parts drawn from the generator")
     parser.add_argument("--pool-defects", type=int, default=20, help="distinct parts per defect type")
+    parser.add_argument("--harvest", type=int, default=50, help="bright normal parts reviewers confirm before the retrain (0: no retrain)")
+    parser.add_argument("--parts-after", type=int, default=4000, help="parts replayed through the retrained model")
+    parser.add_argument("--dataset-root", default="data/raw/demo", help="the training data of the bundles (make demo)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     monitor = MonitorParams(every_minutes=args.every_minutes, window_hours=args.window_hours)
@@ -197,6 +268,17 @@ def main(argv: list[str] | None = None) -> int:
                      f"{r['detected']}/{r['shift_repeats']} ({r['missed']} missed, {r['shift_repeats'] - r['detected'] - r['missed']} alarmed early) | "
                      f"{d['median']} / {d['max']} | {', '.join(r['causes'])} | {r['before_shift']['false_reject_rate']:.3f} / "
                      f"{r['during_shift']['false_reject_rate']:.3f} | {r['before_shift']['escape_rate']:.3f} / {r['during_shift']['escape_rate']:.3f} |")
+    if any(r["after_retrain"] for r in results):
+        lines += ["", f"After the retrain on {args.harvest} reviewed bright parts (the bright line replayed through the new model, parts it never saw):",
+                  "", "| category | retrain + calibrate + export (s) | drift reference | parts | monitor runs | alarms | flagged: val / line "
+                  "| false rejects | escapes |", "|---|---|---|---|---|---|---|---|---|"]
+        for r in results:
+            a = r["after_retrain"]
+            if a:
+                tests = sorted({t for f in a["alarm_tests"] for t in f})
+                lines.append(f"| {r['category']} | {a['retrain_seconds']} | {a['reference']} | {a['parts']} | {a['runs']} | {a['alarms']}"
+                             f"{' (' + ', '.join(tests) + ')' if tests else ''} | {a['flagged_share_val_vs_line'][0]:.3f} / "
+                             f"{a['flagged_share_val_vs_line'][1]:.3f} | {a['rates']['false_reject_rate']:.3f} | {a['rates']['escape_rate']:.3f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

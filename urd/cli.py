@@ -253,7 +253,7 @@ def export(
         if (model / CALIBRATION_FILE).is_file() and (model / "manifest.csv").is_file():
             manifest = read_manifest(model / "manifest.csv")
             write_challenge_set(out, manifest, seed=p.seed)
-            write_reference(out, manifest)
+            write_reference(out, manifest, dataset_root=p.dataset.root, category=meta["category"])
     except (ModelFileError, FileExistsError, ValueError) as exc:
         _fail(str(exc))
     console.print(f"bundle written to {out}")
