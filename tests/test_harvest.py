@@ -229,3 +229,56 @@ def test_a_relative_sqlite_ledger_is_the_checkouts_not_the_working_directorys(tm
     assert ledger_url("sqlite:///ledger.db", tmp_path) == f"sqlite:///{tmp_path.resolve() / 'ledger.db'}"
     assert ledger_url(f"sqlite:///{tmp_path}/x.db", "/elsewhere") == f"sqlite:///{tmp_path}/x.db"
     assert ledger_url("postgresql+psycopg://urd@db/urd", tmp_path) == "postgresql+psycopg://urd@db/urd"
+
+
+def test_a_harvest_process_killed_with_sigkill_midway_is_finished_by_the_rerun_exactly_once(tmp_path):
+    """A real ``kill -9`` of a harvesting process (its disk slowed to 30 ms per image so the kill lands
+    midway), then the rerun: whole files only, no temporary file left, each record taken once."""
+    import os
+    import signal
+    import textwrap
+    import time
+
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    ledger.upgrade()
+    store = ImageStore(tmp_path / "images", 90)
+    make_mvtec(tmp_path / "data", "bottle", n_train=2)
+    ids = inspected(ledger, store, "bottle", list(range(100, 300)))
+    for k, inspection_id in enumerate(ids):
+        ledger.add_verdict(inspection_id, "good" if k % 4 else "defect", "ann")
+    ledger.engine.dispose()
+    script = textwrap.dedent(f"""
+        import time
+        from urd.service import harvest as h
+        from urd.service.ledger import Ledger
+        from urd.service.store import ImageStore
+        real = h._write_durably
+        def slow(path, data):
+            time.sleep(0.03)
+            real(path, data)
+        h._write_durably = slow
+        h.harvest(Ledger("sqlite:///{tmp_path / 'ledger.db'}"), ImageStore("{tmp_path / 'images'}", 90), "mvtec", "{tmp_path / 'data'}", "bottle",
+                  "{tmp_path / 'field'}")
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    good = tmp_path / "data" / "bottle" / "train" / "good"
+    deadline = time.monotonic() + 120
+    while len([p for p in good.iterdir() if len(p.stem) == 64]) < 20:
+        assert process.poll() is None and time.monotonic() < deadline, "the harvest ended before it could be killed"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(30)
+    ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
+    assert ledger.harvests() == [] and len(list(good.glob("*.png"))) < 2 + 150  # killed midway, nothing recorded
+
+    result = harvest(ledger, store, "mvtec", tmp_path / "data", "bottle", tmp_path / "field")
+    assert (result.good, result.defect) == (150, 50)
+    defect = tmp_path / "field" / "mvtec" / "bottle" / "defect"
+    files = [p for folder in (good, defect) for p in folder.iterdir() if len(p.stem) == 64]
+    assert len(files) == 200 and all(sha256(p.read_bytes()) == p.stem for p in files)  # whole files, each once
+    assert not list(good.glob(".*.tmp")) and not list(defect.glob(".*.tmp"))
+    with ledger.session() as session:
+        taken = [r.inspection_id for r in session.query(HarvestedRecord)]
+    assert sorted(taken) == sorted(ids) and len(ledger.harvests()) == 1
+    assert harvest(ledger, store, "mvtec", tmp_path / "data", "bottle", tmp_path / "field").harvest_id is None  # nothing left to take
+    ledger.engine.dispose()
