@@ -121,7 +121,7 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
     wanted = categories or params.dataset.categories
     alpha = alpha_per_run(params, len(wanted))
     m = params.monitor
-    lines = [f"# Drift monitor: last {m.window_hours:g} h", "",
+    lines = [f"# Drift monitor: last {m.window_hours:g} h" + (f", at most {m.window_parts} parts per camera" if m.window_parts else ""), "",
              f"False-alarm budget {m.false_alarms_per_day:g} per day over {24 * 60 / m.every_minutes:g} runs and {len(wanted)} categories: "
              f"alpha {alpha:.1e} per category and run, split over its cameras and their tests.", "",
              "| category | camera | parts | scores KS p | PSI | flag rate | brightness | alpha per test | status |",
@@ -140,7 +140,8 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
             name, version, digest, bundle = served
             metadata = json.loads((bundle / "metadata.json").read_text())
             reports = monitor_category(ledger, ImageStore(root_path / p.serve.image_store, p.serve.retention_days), category, bundle, metadata,
-                                       hours_ago(m.window_hours), alpha=alpha, min_parts=m.min_parts, max_images=m.max_images)
+                                       hours_ago(m.window_hours), alpha=alpha, min_parts=m.min_parts, max_images=m.max_images,
+                                       window_parts=m.window_parts)
             lines += report_rows(category, reports)
             events = drift_transitions(ledger, category, digest, (name, version), reports, new_normals(ledger, category),
                                        p.retrain.min_new_normals)
@@ -148,7 +149,7 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
             summary[category] = [f"{r.camera}: {'drift' if r.assessment and r.assessment.drift else 'stable' if r.assessment else 'untested'}"
                                  for r in reports]
             rows = [row for row in ledger.since(category, hours_ago(m.window_hours)) if row.bundle_digest == digest]
-            recent = {r.camera: np.array([row.score for row in rows if (row.camera or "-") == r.camera]) for r in reports}
+            recent = {r.camera: np.array([row.score for row in rows if (row.camera or "-") == r.camera][-(m.window_parts or 0):]) for r in reports}
             figures[category] = _figure(category, np.asarray(metadata["thresholds"]["val_scores"]), recent, review_threshold(metadata["thresholds"]))
             for r in reports:
                 if r.assessment is not None:

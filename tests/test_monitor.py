@@ -51,6 +51,10 @@ def test_a_brighter_camera_is_reported_as_a_lighting_change_and_the_others_are_q
     assert bright.drift and bright.cause == "camera or lighting" and bright.evidence["images"]["brightness"]["relative_change"] > 0.2
     assert bright.alpha_per_test == 1e-3 / 2 / 5  # two cameras tested, five tests each
     assert reports["cam-new"].assessment is None and reports["cam-new"].parts == 10
+    # a window by parts: each camera's latest 55 (cam-new keeps its 10)
+    windowed = {r.camera: r.parts for r in monitor_category(ledger, store, "widget", bundle, metadata, utcnow() - timedelta(hours=1),
+                                                             min_parts=50, window_parts=55)}
+    assert windowed == {"cam-ok": 55, "cam-bright": 55, "cam-new": 10}
     ledger.engine.dispose()
 
 

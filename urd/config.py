@@ -281,6 +281,8 @@ class MonitorParams(_Section):
 
     every_minutes: float = Field(60, gt=0, description="how often the monitor runs (its schedule)")
     window_hours: float = Field(8, gt=0, description="the recent stretch of the line each run assesses")
+    window_parts: int | None = Field(None, ge=10, description="at most this many of each camera's latest parts in that stretch (None: all); "
+                                     "a window by parts keeps the test's power the same on a fast and a slow line")
     false_alarms_per_day: float = Field(0.01, gt=0, lt=1, description="family-wise false-alarm probability per day: split (Bonferroni) over "
                                         "the day's runs, the categories, their cameras and each camera's tests")
     min_parts: int = Field(100, ge=10, description="a camera with fewer recent parts (of the served model) is reported, not tested")

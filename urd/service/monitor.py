@@ -40,8 +40,10 @@ class CameraReport:
 
 
 def monitor_category(ledger: Ledger, store: ImageStore | None, category: str, bundle_dir: str | Path, metadata: dict[str, Any],
-                     since: datetime, alpha: float = 1e-3, min_parts: int = 100, max_images: int = 500) -> list[CameraReport]:
-    """Assess every camera of ``category`` on the parts inspected since ``since``."""
+                     since: datetime, alpha: float = 1e-3, min_parts: int = 100, max_images: int = 500,
+                     window_parts: int | None = None) -> list[CameraReport]:
+    """Assess every camera of ``category`` on the parts inspected since ``since`` (at most its
+    latest ``window_parts``)."""
     calibration = metadata["thresholds"]
     reference_scores = np.asarray(calibration.get("val_scores", []), np.float64)
     if not len(reference_scores):
@@ -52,6 +54,8 @@ def monitor_category(ledger: Ledger, store: ImageStore | None, category: str, bu
     for row in ledger.since(category, since):
         if row.bundle_digest == digest:  # parts another model decided are another model's scores
             by_camera[row.camera or "-"].append(row)
+    if window_parts:
+        by_camera = defaultdict(list, {c: rows[-window_parts:] for c, rows in by_camera.items()})
     testable = [c for c, rows in by_camera.items() if len(rows) >= min_parts]
     reports = []
     for camera in sorted(by_camera):
