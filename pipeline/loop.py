@@ -10,7 +10,8 @@
   Prefect event ``urd.drift.detected`` (resource ``urd.camera.<category>.<camera>``, the evidence as
   payload). A drift is raised once, not every run while it lasts (its state is in the ledger).
 * ``respond`` (run by the deployment trigger on that event, prefect.yaml): when at least
-  ``retrain.min_new_normals`` confirmed-good parts of the category wait to be harvested, it
+  ``retrain.min_new_normals`` confirmed-good parts of that camera wait to be harvested (harvest
+  routinely, so these are recent), it
   harvests them and runs ``retrain`` for that category alone (gated as always); otherwise it asks
   for the missing reviews in an artifact and widens the review band of the served model
   (``monitor.widen_review_to``) so they come sooner. Once they are in, the monitor raises
@@ -58,11 +59,6 @@ def alpha_per_run(params: Params, categories: int) -> float:
     """The family-wise false-alarm probability of one run for one category (Bonferroni)."""
     runs_per_day = max(1.0, 24 * 60 / params.monitor.every_minutes)
     return params.monitor.false_alarms_per_day / runs_per_day / max(categories, 1)
-
-
-def new_normals(ledger, category: str) -> int:
-    """Confirmed-good parts of the category reviewed and not yet harvested."""
-    return sum(verdict.verdict == "good" for _, verdict in ledger.unharvested(category))
 
 
 def _figure(category: str, reference: np.ndarray, cameras: dict[str, np.ndarray], threshold: float) -> bytes:
@@ -143,8 +139,7 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
                                        hours_ago(m.window_hours), alpha=alpha, min_parts=m.min_parts, max_images=m.max_images,
                                        window_parts=m.window_parts)
             lines += report_rows(category, reports)
-            events = drift_transitions(ledger, category, digest, (name, version), reports, new_normals(ledger, category),
-                                       p.retrain.min_new_normals)
+            events = drift_transitions(ledger, category, digest, (name, version), reports, p.retrain.min_new_normals)
             raised += events
             summary[category] = [f"{r.camera}: {'drift' if r.assessment and r.assessment.drift else 'stable' if r.assessment else 'untested'}"
                                  for r in reports]
@@ -200,6 +195,7 @@ def respond(category: str, camera: str = "-", root: str = ".") -> dict[str, Any]
     from prefect.artifacts import create_markdown_artifact
 
     from urd.service.ledger import Ledger, ledger_url
+    from urd.service.monitor import new_normals
 
     from .flows import retrain
     from .harvest import harvest_category
@@ -211,16 +207,17 @@ def respond(category: str, camera: str = "-", root: str = ".") -> dict[str, Any]
     ledger = Ledger(ledger_url(p.serve.ledger, root_path))
     try:
         served = served_bundle(ledger, category, root_path / ".serve-cache" / "monitor")
-        waiting = new_normals(ledger, category)
+        waiting = new_normals(ledger, category, camera)  # of the drifting camera: its view of the line now
         needed = p.retrain.min_new_normals
         if waiting < needed:
             note = widen_review(ledger, category, served, p.monitor.widen_review_to) if served else "no model has served this category yet"
             if served:
                 ledger.add_model_event(category, "drift_waiting", served[0], served[1], served[2],
                                        {"camera": camera, "new_normals": waiting, "needed": needed, "review": note})
-            text = (f"# {category}: a drift on camera {camera} waits for reviews\n\n{waiting} confirmed-good parts are reviewed and not yet "
-                    f"harvested; {needed} are needed (`retrain.min_new_normals`) before the category is retrained on them. "
-                    f"**Please review {needed - waiting} more parts of {category}** on the review page (`/review?category={category}`).\n\n"
+            text = (f"# {category}: a drift on camera {camera} waits for reviews\n\n{waiting} parts of camera {camera} are confirmed good "
+                    f"and not yet harvested; {needed} are needed (`retrain.min_new_normals`) before the "
+                    f"category is retrained on them. **Please review {needed - waiting} more parts of {category} from camera {camera}** on the "
+                    f"review page (`/review?category={category}`).\n\n"
                     f"Review band: {note}.\n")
             logger.warning(f"{category}: {needed - waiting} more confirmed-good parts needed before a retrain; {note}")
             create_markdown_artifact(text, key=RESPOND_ARTIFACT, description=f"{category}: waiting for {needed - waiting} reviews")

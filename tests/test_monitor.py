@@ -67,28 +67,42 @@ def _report(camera: str, drift: bool | None, parts: int = 200):
 
 
 def test_a_drift_is_raised_once_cleared_when_quiet_and_reviewed_when_the_reviews_are_in(tmp_path):
-    from urd.service.monitor import drift_transitions
+    from urd.service.monitor import drift_transitions, new_normals
 
     ledger = Ledger(f"sqlite:///{tmp_path / 'ledger.db'}")
     ledger.upgrade()
     digest, model = "d" * 64, ("urd-demo-widget", "3")
+    threshold = ledger.add_threshold_version("widget", digest, 0.5, 1.0, "calibration", "bundle")
 
-    def run(reports, normals=0):
-        return [(name, p["camera"]) for name, p in drift_transitions(ledger, "widget", digest, model, reports, normals, 50)]
+    def parts(camera: str, n: int) -> list[str]:
+        rows = ledger.add_inspections([NewInspection(category="widget", line="L1", camera=camera, part_id=None, client_key=None,
+                                                     image_sha256=f"{camera}{k}".ljust(64, "0"), image_width=8, image_height=8, model_name=model[0],
+                                                     model_version=model[1], model_alias=None, bundle_digest=digest, threshold_version=threshold.id,
+                                                     score=0.7, normalized_score=0.5, decision="review", latency_ms=1.0) for k in range(n)])
+        return [r.id for r in rows]
+
+    def confirm(ids: list[str]) -> None:
+        for inspection_id in ids:
+            ledger.add_verdict(inspection_id, "good", "ann")
+
+    def run(reports):
+        return [(name, p["camera"]) for name, p in drift_transitions(ledger, "widget", digest, model, reports, 3)]
 
     assert run([_report("c1", False), _report("c2", None, 5)]) == []
     assert run([_report("c1", True), _report("c2", False)]) == [("urd.drift.detected", "c1")]
     assert run([_report("c1", True)]) == []  # still drifting: not raised again every run
-    # the response asked for reviews; once 50 confirmed-good parts wait, the monitor says so (once)
-    ledger.add_model_event("widget", "drift_waiting", *model, digest, {"camera": "c1", "needed": 50})
-    assert run([_report("c1", True)], normals=49) == []
-    assert run([_report("c1", True)], normals=50) == [("urd.drift.reviewed", "c1")]
-    assert run([_report("c1", True)], normals=80) == []
+    # the response asked for reviews; once 3 confirmed-good parts of c1 wait to be harvested, the monitor says so (once)
+    ledger.add_model_event("widget", "drift_waiting", *model, digest, {"camera": "c1", "needed": 3})
+    confirm(parts("c2", 4) + parts("c1", 2))  # another camera's parts do not count
+    assert new_normals(ledger, "widget") == 6 and new_normals(ledger, "widget", "c1") == 2 and run([_report("c1", True)]) == []
+    confirm(parts("c1", 1))
+    assert run([_report("c1", True)]) == [("urd.drift.reviewed", "c1")]
+    assert run([_report("c1", True)]) == []
     assert run([_report("c1", False)]) == []  # quiet again: cleared, so a later drift is a new one
     assert [e.event for e in ledger.events("widget")] == ["drift", "drift_waiting", "drift_reviewed", "drift_cleared"]
     assert run([_report("c1", True)]) == [("urd.drift.detected", "c1")]
     # another model's record is its own: the new model's first drift is raised
-    assert [n for n, _ in drift_transitions(ledger, "widget", "e" * 64, ("urd-demo-widget", "4"), [_report("c1", True)], 0, 50)] == [
+    assert [n for n, _ in drift_transitions(ledger, "widget", "e" * 64, ("urd-demo-widget", "4"), [_report("c1", True)], 3)] == [
         "urd.drift.detected"]
     detected = [e for e in ledger.events("widget") if e.event == "drift"][0]
     assert detected.detail["cause"] == "camera or lighting" and detected.detail["alpha_per_test"] == 1e-4

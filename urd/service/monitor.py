@@ -88,11 +88,20 @@ def drift_state(ledger: Ledger, category: str, digest: str, camera: str) -> Mode
     return found[-1] if found else None
 
 
+def new_normals(ledger: Ledger, category: str, camera: str | None = None) -> int:
+    """Confirmed-good parts of the category (of ``camera``) that are reviewed and not yet
+    harvested. After a drift they should show the line as it is now: harvest routinely (e.g.
+    nightly), so the parts waiting are recent ones."""
+    return sum(verdict.verdict == "good" and (camera is None or (inspection.camera or "-") == camera)
+               for inspection, verdict in ledger.unharvested(category))
+
+
 def drift_transitions(ledger: Ledger, category: str, digest: str, model: tuple[str, str], reports: list[CameraReport],
-                      new_normals: int, min_new_normals: int) -> list[tuple[str, dict[str, Any]]]:
+                      min_new_normals: int) -> list[tuple[str, dict[str, Any]]]:
     """Record what changed since the last run and return the alarms to raise, as (event name,
     payload): ``urd.drift.detected`` once per drift of a camera (not again every run while it
-    lasts), ``urd.drift.reviewed`` once a drift that waited for reviews has ``min_new_normals``."""
+    lasts), ``urd.drift.reviewed`` once a drift that waited for reviews has ``min_new_normals``
+    confirmed-good parts of that camera waiting to be harvested."""
     raised = []
     for report in reports:
         state = drift_state(ledger, category, digest, report.camera)
@@ -105,8 +114,9 @@ def drift_transitions(ledger: Ledger, category: str, digest: str, model: tuple[s
                               "evidence": report.assessment.evidence}
             ledger.add_model_event(category, "drift", model[0], model[1], digest, payload)
             raised.append(("urd.drift.detected", payload))
-        elif report.assessment.drift and last == "drift_waiting" and new_normals >= min_new_normals:
-            payload = base | {"new_normals": new_normals}
+        elif (report.assessment.drift and last == "drift_waiting"
+              and (count := new_normals(ledger, category, report.camera)) >= min_new_normals):
+            payload = base | {"new_normals": count}
             ledger.add_model_event(category, "drift_reviewed", model[0], model[1], digest, payload)
             raised.append(("urd.drift.reviewed", payload))
         elif not report.assessment.drift and last not in (None, "drift_cleared"):
