@@ -1,4 +1,5 @@
 import json
+import os
 
 import pytest
 import torch
@@ -49,3 +50,18 @@ def mlflow_store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.chdir(tmp_path)
     return tmp_path
+
+
+@pytest.fixture()
+def isolated_mlflow_uris():
+    """Flows run in-process point MLflow's process-wide tracking and registry URIs (and the
+    MLFLOW_TRACKING_URI / MLFLOW_REGISTRY_URI variables they set) at their own store; afterwards
+    both go back, so a later test's client reads its own environment, not a stopped server."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    mlflow.set_tracking_uri(None)
+    mlflow.set_registry_uri(None)
+    for key, value in saved.items():
+        os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)

@@ -65,7 +65,7 @@ def _events(api: str) -> list[dict]:
     return response.json()["events"]
 
 
-def test_a_brighter_camera_is_answered_by_a_gated_retrain_of_that_category_alone(tmp_path):
+def test_a_brighter_camera_is_answered_by_a_gated_retrain_of_that_category_alone(tmp_path, isolated_mlflow_uris):
     from mlflow import MlflowClient
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL, PREFECT_HOME, temporary_settings

@@ -50,7 +50,8 @@ def _artifact(key: str) -> str:
     return found[-1].data
 
 
-def test_monitor_raises_one_event_for_the_brighter_camera_and_respond_asks_for_reviews(packaged, tmp_path, monkeypatch, prefect_api):
+def test_monitor_raises_one_event_for_the_brighter_camera_and_respond_asks_for_reviews(packaged, tmp_path, monkeypatch, prefect_api,
+                                                                                        isolated_mlflow_uris):
     from pipeline.loop import MONITOR_ARTIFACT, RESPOND_ARTIFACT, monitor, respond
     from urd.calibrate import review_threshold
 
