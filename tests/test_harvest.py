@@ -282,3 +282,16 @@ def test_a_harvest_process_killed_with_sigkill_midway_is_finished_by_the_rerun_e
     assert sorted(taken) == sorted(ids) and len(ledger.harvests()) == 1
     assert harvest(ledger, store, "mvtec", tmp_path / "data", "bottle", tmp_path / "field").harvest_id is None  # nothing left to take
     ledger.engine.dispose()
+
+
+def test_the_repositorys_gitignore_lets_a_field_sets_dvc_pointer_be_committed_but_not_its_images():
+    """DVC refuses to `dvc add` a folder whose .dvc file git ignores; the harvest adds the field set."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+
+    def ignored(path: str) -> bool:
+        return subprocess.run(["git", "check-ignore", "-q", "--no-index", path], cwd=repo).returncode == 0
+
+    assert not ignored("data/field/demo/widget.dvc") and not ignored("data/field/demo/.gitignore")
+    assert ignored("data/field/demo/widget/defect/0123.png") and ignored("data/raw/demo/widget/train/good/000.png")
