@@ -143,8 +143,7 @@ def monitor(categories: list[str] | None = None, root: str = ".", emit: bool = T
             raised += events
             summary[category] = [f"{r.camera}: {'drift' if r.assessment and r.assessment.drift else 'stable' if r.assessment else 'untested'}"
                                  for r in reports]
-            rows = [row for row in ledger.since(category, hours_ago(m.window_hours)) if row.bundle_digest == digest]
-            recent = {r.camera: np.array([row.score for row in rows if (row.camera or "-") == r.camera][-(m.window_parts or 0):]) for r in reports}
+            recent = {r.camera: np.asarray(r.scores) for r in reports}
             figures[category] = _figure(category, np.asarray(metadata["thresholds"]["val_scores"]), recent, review_threshold(metadata["thresholds"]))
             for r in reports:
                 if r.assessment is not None:

@@ -37,6 +37,7 @@ class CameraReport:
     parts: int
     assessment: Assessment | None  # None: too few parts to test
     models: list[str] = field(default_factory=list)  # model versions that decided these parts
+    scores: list[float] = field(default_factory=list)  # the image scores assessed (or seen, when too few)
 
 
 def monitor_category(ledger: Ledger, store: ImageStore | None, category: str, bundle_dir: str | Path, metadata: dict[str, Any],
@@ -61,7 +62,7 @@ def monitor_category(ledger: Ledger, store: ImageStore | None, category: str, bu
     for camera in sorted(by_camera):
         rows = by_camera[camera]
         if camera not in testable:
-            reports.append(CameraReport(camera, len(rows), None))
+            reports.append(CameraReport(camera, len(rows), None, scores=[r.score for r in rows]))
             continue
         recent_images = None
         if reference_images is not None and store is not None:
@@ -72,9 +73,10 @@ def monitor_category(ledger: Ledger, store: ImageStore | None, category: str, bu
                     for k, v in image_statistics(decode_upload(data, len(data) + 1, 1 << 31)).items():
                         stats[k].append(v)
             recent_images = {k: np.asarray(stats[k]) for k in IMAGE_STATISTICS if stats[k]} or None
-        result = assess(reference_scores, np.array([r.score for r in rows]), review_threshold(calibration),
+        scores = [r.score for r in rows]
+        result = assess(reference_scores, np.array(scores), review_threshold(calibration),
                         reference_images if recent_images else None, recent_images, alpha=alpha / len(testable))
-        reports.append(CameraReport(camera, len(rows), result, sorted({f"{r.model_name}:{r.model_version}" for r in rows})))
+        reports.append(CameraReport(camera, len(rows), result, sorted({f"{r.model_name}:{r.model_version}" for r in rows}), scores))
     return reports
 
 
